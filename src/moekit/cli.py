@@ -1,0 +1,79 @@
+"""``moekit info | demo | bench | plan``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+_BENCH_DIR = Path(__file__).resolve().parents[2] / "bench"
+
+
+def _info(_args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from . import platform
+
+    p = platform.info()
+    t = Table(title="moekit info", show_header=False)
+    t.add_column("what", style="bold")
+    t.add_column("value")
+    t.add_row("python", p.python_version)
+    t.add_row("torch", p.torch_version)
+    t.add_row("triton", p.triton_version or "not installed")
+    t.add_row("backend", p.backend)
+    t.add_row("device", p.device_name)
+    t.add_row("SMs" if p.backend != "cpu" else "CPU cores", str(p.sm_count))
+    if p.capability:
+        t.add_row("compute capability", f"{p.capability[0]}.{p.capability[1]}")
+    t.add_row("triton mode", "interpreter (TRITON_INTERPRET=1)" if p.triton_interpreted else "compiled")
+    t.add_row("PTX fast paths", ("on" if p.ptx_enabled else "off") + f" ({p.ptx_reason})")
+    t.add_row("distributed backends", ", ".join(p.dist_backends) or "none")
+    row = {"cuda": "NVIDIA: Triton -> PTX (+ inline PTX), NCCL",
+           "rocm": "AMD: Triton -> AMDGCN, RCCL",
+           "cpu": "CPU: torch references (+ Triton interpreter in tests), gloo"}[p.backend]
+    t.add_row("backends row", row)
+    Console().print(t)
+    return 0
+
+
+def _forward(module: str, argv: list[str]) -> int:
+    return int(importlib.import_module(module).main(argv) or 0)
+
+
+def _bench(args: argparse.Namespace, rest: list[str]) -> int:
+    script = _BENCH_DIR / f"{args.name}.py"
+    if not script.exists():
+        names = sorted(p.stem for p in _BENCH_DIR.glob("*.py")) if _BENCH_DIR.exists() else []
+        print(f"moekit bench: no benchmark {args.name!r}; available: {', '.join(names) or 'none (not a checkout)'}",
+              file=sys.stderr)
+        return 2
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(_BENCH_DIR.parent / "src"), env.get("PYTHONPATH", "")])
+    return subprocess.call([sys.executable, str(script), *rest], env=env)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="moekit", description=__doc__)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("info", help="what moekit runs on here")
+    sub.add_parser("demo", help="train a small DeepSeek-V3-style MoE model with expert parallelism", add_help=False)
+    b = sub.add_parser("bench", help="run a benchmark script of bench/ (checkout only)")
+    b.add_argument("name", help="e.g. ep_cpu, ep_hierarchical, moe_cpu, pipeline_bubbles")
+    sub.add_parser("plan", help="predict a cluster's training step", add_help=False)
+    args, rest = parser.parse_known_args(argv)
+    if args.cmd == "info":
+        return _info(args)
+    if args.cmd == "demo":
+        return _forward("moekit.demo", rest)
+    if args.cmd == "plan":
+        return _forward("moekit.plan.cli", rest)
+    return _bench(args, rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

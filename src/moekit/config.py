@@ -1,0 +1,141 @@
+"""``MoEConfig``: the MoE model's shape, with the field names of HF's ``DeepseekV3Config``.
+
+moekit's own fields (``max_nodes_per_token``, ``bias_update_speed``, ``seq_aux_loss_alpha``,
+``expert_backend``) sit beside HF's. Validation happens at construction and names the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+_SCORING = ("sigmoid", "softmax")
+_BACKENDS = ("torch", "fp8")
+
+
+@dataclasses.dataclass
+class MoEConfig:
+    # --- HF DeepseekV3Config names (defaults: DeepSeek-V3 671B) ---
+    hidden_size: int = 7168
+    moe_intermediate_size: int = 2048
+    intermediate_size: int = 18432  # dense MLP of the first `first_k_dense_replace` layers
+    n_routed_experts: int = 256
+    n_shared_experts: int = 1
+    num_experts_per_tok: int = 8
+    n_group: int = 8
+    topk_group: int = 4
+    routed_scaling_factor: float = 2.5
+    norm_topk_prob: bool = True
+    scoring_func: str = "sigmoid"
+    topk_method: str = "noaux_tc"
+    hidden_act: str = "silu"
+    num_hidden_layers: int = 61
+    first_k_dense_replace: int = 3
+    num_attention_heads: int = 128
+    q_lora_rank: int | None = 1536
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    vocab_size: int = 129280
+    rms_norm_eps: float = 1e-6
+    # --- moekit's own ---
+    max_nodes_per_token: int | None = None  # node-limited routing (DeepSeek-V3: 4); None = off
+    bias_update_speed: float = 0.001  # gamma of aux-loss-free balancing
+    seq_aux_loss_alpha: float = 0.0001
+    expert_backend: str = "torch"  # "torch" (bf16/fp32 grouped) or "fp8" (Triton FP8 grouped GEMM)
+
+    def __post_init__(self) -> None:
+        def positive(name: str) -> None:
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"MoEConfig.{name} must be a positive int, got {v!r}")
+
+        for name in ("hidden_size", "moe_intermediate_size", "intermediate_size", "n_routed_experts",
+                     "num_experts_per_tok", "n_group", "topk_group", "num_hidden_layers",
+                     "num_attention_heads", "vocab_size"):
+            positive(name)
+        if self.n_shared_experts < 0:
+            raise ValueError(f"MoEConfig.n_shared_experts must be >= 0, got {self.n_shared_experts}")
+        if self.scoring_func not in _SCORING:
+            raise ValueError(f"MoEConfig.scoring_func must be one of {_SCORING}, got {self.scoring_func!r}")
+        if self.expert_backend not in _BACKENDS:
+            raise ValueError(f"MoEConfig.expert_backend must be one of {_BACKENDS}, got {self.expert_backend!r}")
+        if self.n_routed_experts % self.n_group != 0:
+            raise ValueError(f"MoEConfig.n_routed_experts ({self.n_routed_experts}) must be divisible by "
+                             f"n_group ({self.n_group})")
+        if self.topk_group > self.n_group:
+            raise ValueError(f"MoEConfig.topk_group ({self.topk_group}) must be <= n_group ({self.n_group})")
+        per_group = self.n_routed_experts // self.n_group
+        if self.num_experts_per_tok > self.topk_group * per_group:
+            raise ValueError(
+                f"MoEConfig.num_experts_per_tok ({self.num_experts_per_tok}) exceeds the experts that "
+                f"topk_group ({self.topk_group}) groups of {per_group} hold ({self.topk_group * per_group})")
+        if self.n_group > 1 and per_group < 2:
+            # The group score is the sum of the top-2 scores of the group.
+            raise ValueError(f"MoEConfig: each of the n_group ({self.n_group}) groups needs >= 2 experts, "
+                             f"got {per_group}")
+        if not 0 <= self.first_k_dense_replace <= self.num_hidden_layers:
+            raise ValueError(f"MoEConfig.first_k_dense_replace ({self.first_k_dense_replace}) must be in "
+                             f"[0, num_hidden_layers={self.num_hidden_layers}]")
+        if self.max_nodes_per_token is not None and self.max_nodes_per_token < 1:
+            raise ValueError(f"MoEConfig.max_nodes_per_token must be >= 1 or None, got {self.max_nodes_per_token}")
+        if self.bias_update_speed < 0:
+            raise ValueError(f"MoEConfig.bias_update_speed must be >= 0, got {self.bias_update_speed}")
+        if self.seq_aux_loss_alpha < 0:
+            raise ValueError(f"MoEConfig.seq_aux_loss_alpha must be >= 0, got {self.seq_aux_loss_alpha}")
+
+    @property
+    def experts_per_group(self) -> int:
+        return self.n_routed_experts // self.n_group
+
+    def check_ep(self, ep_size: int, ranks_per_node: int | None = None) -> None:
+        """Raise ``ValueError`` unless the routed experts shard evenly over ``ep_size`` ranks."""
+        if self.n_routed_experts % ep_size != 0:
+            raise ValueError(f"MoEConfig.n_routed_experts ({self.n_routed_experts}) must be divisible by the "
+                             f"EP size ({ep_size})")
+        if self.max_nodes_per_token is not None and ranks_per_node is not None:
+            nodes = ep_size // ranks_per_node
+            per_node = self.n_routed_experts // max(nodes, 1)
+            if self.num_experts_per_tok > min(self.max_nodes_per_token, nodes) * per_node:
+                raise ValueError(
+                    f"MoEConfig.num_experts_per_tok ({self.num_experts_per_tok}) exceeds the experts on "
+                    f"max_nodes_per_token ({self.max_nodes_per_token}) nodes of {per_node} experts")
+
+    def replace(self, **changes: Any) -> MoEConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_hf(cls, config: Any, **overrides: Any) -> MoEConfig:
+        """Build from a HF ``DeepseekV3Config`` (or any object / dict with its field names).
+
+        Unknown fields are ignored; ``overrides`` set moekit's own fields (or replace HF ones).
+        """
+        src = config if isinstance(config, dict) else (
+            config.to_dict() if hasattr(config, "to_dict") else vars(config))
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in src.items() if k in names}
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> MoEConfig:
+        """``"deepseek-v3"`` (the 671B shape) or ``"tiny"`` (tests and the demo)."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown MoEConfig preset {name!r}; choose from {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "deepseek-v3": {},
+    "tiny": dict(
+        hidden_size=64, moe_intermediate_size=32, intermediate_size=128, n_routed_experts=16,
+        n_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+        num_hidden_layers=4, first_k_dense_replace=1, num_attention_heads=4, q_lora_rank=None,
+        kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, vocab_size=256,
+        bias_update_speed=0.001,
+    ),
+}
