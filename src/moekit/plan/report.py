@@ -1,0 +1,184 @@
+"""Presenting a ``PlanResult``: a JSON-able dict, a ``rich`` table, PNG plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .planner import PlanResult, ep_sweep, sm_sweep
+
+
+def to_dict(r: PlanResult) -> dict[str, Any]:
+    """Every number of the plan, in SI units (seconds, bytes), JSON-serialisable."""
+    layer = None
+    if r.layer is not None:
+        layer = r.layer._asdict()
+        layer["bytes"] = r.layer.bytes._asdict()
+        layer["dispatch"] = r.layer.dispatch._asdict()
+        layer["combine"] = r.layer.combine._asdict()
+    return {
+        "model": {"hidden_size": r.model.hidden_size, "layers": r.model.num_hidden_layers,
+                  "routed_experts": r.model.n_routed_experts, "top_k": r.model.num_experts_per_tok},
+        "cluster": r.cluster.to_dict(),
+        "plan": {**{k: v for k, v in r.plan.__dict__.items()}, "dp": r.dp, "gpus": r.num_gpus},
+        "routing": r.routing.describe(),
+        "spread": r.spread._asdict() if r.spread is not None else None,
+        "stages": r.stages,
+        "layer": layer,
+        "step": r.step._asdict(),
+    }
+
+
+def _si(x: float, unit: str) -> str:
+    for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g} {prefix}{unit}"
+    return f"{x:.3g} {unit}"
+
+
+def _ms(x: float) -> str:
+    return f"{x * 1e3:.3f} ms"
+
+
+def render(r: PlanResult, console: Any = None) -> None:
+    """Print the plan as ``rich`` tables."""
+    from rich.console import Console
+    from rich.table import Table
+
+    if console is None:
+        console = Console()
+        console = Console(width=max(console.width, 110))
+    p = r.plan
+    t = Table(title=f"moekit plan: {r.cluster.name}, {r.num_gpus} GPUs = PP{p.pp} x DP{r.dp} (EP{p.ep}), "
+                    f"{p.schedule}, routing {r.routing.describe()}", show_header=True)
+    t.add_column("per MoE layer, per micro-batch, per GPU", style="bold")
+    t.add_column("value", justify="right")
+    if r.layer is not None:
+        lr = r.layer
+        t.add_row("tokens per micro-batch", str(lr.tokens))
+        if r.spread is not None:
+            t.add_row("destination nodes / ranks per token",
+                      f"{r.spread.nodes:.2f} / {r.spread.ranks:.2f} (imbalance {r.spread.imbalance:.2f})")
+        t.add_row("dispatch bytes NVLink / inter-node", f"{_si(lr.bytes.dispatch_intra, 'B')} / "
+                  f"{_si(lr.bytes.dispatch_inter, 'B')}" + (" (FP8)" if p.fp8_dispatch else " (BF16)"))
+        t.add_row("combine bytes NVLink / inter-node",
+                  f"{_si(lr.bytes.combine_intra, 'B')} / {_si(lr.bytes.combine_inter, 'B')} (BF16)")
+        t.add_row("dispatch time: link / SM-limited", f"{_ms(lr.dispatch.link)} / {_ms(lr.dispatch.sm_limited)}")
+        t.add_row("combine time: link / SM-limited", f"{_ms(lr.combine.link)} / {_ms(lr.combine.sm_limited)}")
+        t.add_row("attention + gate GEMMs + core, forward", _ms(lr.attention_f))
+        t.add_row("shared / routed expert GEMMs, forward", f"{_ms(lr.shared_f)} / {_ms(lr.routed_f)}")
+        t.add_row("memory-bound ops, forward", _ms(lr.elementwise_f))
+        t.add_row("(a dense layer, forward)", _ms(lr.dense_layer_f))
+        t.add_row("compute forward / backward", f"{_ms(lr.compute_f)} / {_ms(lr.compute_b)}")
+        t.add_row("EP comm forward / backward", f"{_ms(lr.comm_f)} / {_ms(lr.comm_b)}")
+        t.add_row("compute : comm (forward)", f"{lr.compute_to_comm:.2f} : 1")
+        t.add_row("comm SMs (k) / compute SMs", f"{lr.comm_sms} / {r.cluster.sms - lr.comm_sms}"
+                  + (" (auto)" if p.comm_sms == "auto" else ""))
+        t.add_row("comm hidden with k SMs (F&B pair)", f"{'yes' if lr.hides else 'no'} "
+                  f"({lr.pair_comm_hidden:.1%} hidden, compute busy {lr.pair_compute_busy:.1%})")
+        t.add_row("smallest k that hides it", str(lr.smallest_hiding_sms) if lr.smallest_hiding_sms else "none")
+    s = r.step
+    t.add_section()
+    t.add_row("per step", "", style="bold")
+    t.add_row("micro-batches per pipeline / tokens per step", f"{s.num_microbatches} / {_si(s.tokens_per_step, '')}")
+    t.add_row("layers per stage (head last)", " ".join(map(str, r.stages)))
+    t.add_row("pipeline (simulated)", f"{s.pipeline:.3f} s")
+    t.add_row("bubble: largest rank idle / busiest rank idle / formula",
+              f"{s.bubble:.3f} s / {s.bubble_busiest:.3f} s / {s.bubble_formula:.3f} s")
+    t.add_row("DP sync + optimizer", f"{s.dp_sync:.3f} s + {s.optimizer:.3f} s")
+    t.add_row("step time", f"{s.step_time:.3f} s")
+    t.add_row("EP comm hidden (whole step)", f"{s.comm_hidden:.1%}")
+    t.add_row("compute stream busy (whole step)", f"{s.compute_busy:.1%}")
+    t.add_row("MFU (of the GEMM dtype's peak) / vs BF16 peak", f"{s.mfu:.1%} / {s.mfu_bf16:.1%}")
+    t.add_row("tokens/s per GPU", f"{s.tokens_per_s_per_gpu:,.0f}")
+    t.add_row("GPU-hours per trillion tokens", f"{s.gpu_hours_per_trillion_tokens:,.0f}")
+    t.add_row("params / weight+grad+optimizer memory per GPU",
+              f"{s.params_per_gpu / 1e9:.2f} B / {s.state_memory_gb:.1f} GB"
+              + ("" if s.fits_memory else f" (> {r.cluster.hbm_gb:g} GB: does not fit)"))
+    console.print(t)
+
+
+def plot(r: PlanResult, out_dir: str | Path, *, eps: list[int] | None = None) -> list[Path]:
+    """Write ``comm_vs_sms.png`` (per-layer F&B compute and comm time against comm SMs),
+    ``step_vs_ep.png`` (step time against EP size) and ``timeline.png`` (the simulated schedule).
+    Returns the paths written. Needs matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    if r.layer is not None and r.spread is not None and r.plan.ep > 1:
+        pts = sm_sweep(r.model, r.cluster, r.plan, r.spread, list(range(1, min(r.cluster.sms, 64))))
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot([q.k for q in pts], [q.compute * 1e3 for q in pts], label="compute (F&B, one MoE layer)")
+        ax.plot([q.k for q in pts], [q.comm * 1e3 for q in pts], label="EP comm (F&B, one MoE layer)")
+        if r.layer.smallest_hiding_sms:
+            ax.axvline(r.layer.smallest_hiding_sms, ls="--", c="gray", label="smallest k that hides")
+        ax.set_xlabel("SMs given to communication")
+        ax.set_ylabel("ms")
+        ax.set_title(f"{r.cluster.name}: EP{r.plan.ep}, {r.routing.describe()}")
+        ax.legend()
+        fig.tight_layout()
+        paths.append(out / "comm_vs_sms.png")
+        fig.savefig(paths[-1], dpi=100)
+        plt.close(fig)
+    sweep = ep_sweep(r.model, r.cluster, r.plan, eps)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([e for e, _, _ in sweep], [t for _, t, _ in sweep], marker="o", label="step time")
+    bad = [(e, t) for e, t, fits in sweep if not fits]
+    if bad:
+        ax.scatter([e for e, _ in bad], [t for _, t in bad], marker="x", s=80, c="red", zorder=3,
+                   label="weights+grads+optimizer exceed HBM")
+    ax.legend()
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("EP size")
+    ax.set_ylabel("step time (s)")
+    ax.set_title(f"{r.cluster.name}: PP{r.plan.pp} {r.plan.schedule}, DP{r.dp}")
+    fig.tight_layout()
+    paths.append(out / "step_vs_ep.png")
+    fig.savefig(paths[-1], dpi=100)
+    plt.close(fig)
+    paths.append(out / "timeline.png")
+    recs = r.sim.records
+    title = f"simulated step: {r.cluster.name}, PP{r.plan.pp} {r.plan.schedule}, EP{r.plan.ep}"
+    if len(recs) > 5000:  # thousands of comm bars are invisible at this scale and slow to draw
+        recs = [x for x in recs if x.phase != "COMM"]
+        title += " (comm not drawn)"
+    plot_records(recs, paths[-1], title=title)
+    return paths
+
+
+def plot_records(records: list, path: str | Path, title: str | None = None) -> None:
+    """Draw PhaseRecords with ``moekit.pipeline.plot_timeline`` when it exists, else a plain fallback."""
+    try:
+        from ..pipeline import plot_timeline
+    except ImportError:
+        plot_timeline = None
+    if plot_timeline is not None:
+        span = max((x.end for x in records), default=0.0) - min((x.start for x in records), default=0.0)
+        plot_timeline(records, path, title=title, time_unit="s" if span > 10 else "ms")
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"F": "tab:blue", "B": "tab:orange", "W": "tab:green", "FB": "tab:purple", "COMM": "tab:red"}
+    ranks = max((rec.rank for rec in records), default=0) + 1
+    fig, ax = plt.subplots(figsize=(12, 0.4 * ranks + 1))
+    for rec in records:
+        y = rec.rank + (0.3 if rec.phase == "COMM" else 0.0)
+        h = 0.25 if rec.phase == "COMM" else 0.6
+        ax.barh(y, rec.end - rec.start, left=rec.start, height=h, color=colors.get(rec.phase, "gray"))
+    ax.set_yticks(range(ranks))
+    if title:
+        ax.set_title(title)
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("pipeline rank")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

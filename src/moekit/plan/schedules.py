@@ -1,0 +1,162 @@
+"""Pipeline schedules as per-rank orders of phases, for the planner's simulator.
+
+Independent of ``moekit.pipeline``'s runtime: here a schedule is only *data* — for each pipeline rank
+the ordered list of ``Op``s it runs, and where each (rank, local chunk) sits in the model — so the
+simulator can time it. Three schedules:
+
+- ``1f1b``: P ranks, stage r on rank r; warm-up ``P-1-r`` forwards, steady F/B pairs, cool-down.
+  Backwards are full (input + weight gradients in one op).
+- ``dualpipe``: P ranks (P even), two directions of N/2 micro-batches each. Rank r holds stage r of
+  direction 0 and stage P-1-r of direction 1; its *local* chunk 0 is the one near the start of its
+  direction (stage ``min(r, P-1-r)``). Eight steps per rank (nF0, nF0F1, nB1W1F1, nF0B1F1B0, nB1F1B0,
+  nB1B0, nWB0, nW); some backwards are split into B (input gradients) and a later W (weight gradients).
+- ``dualpipev``: P devices, 2P stages in a V: device r holds stages r and 2P-1-r; the same eight steps
+  with (P, r, N) in place of DualPipe's (P/2, min(r, P-1-r), N/2).
+
+Analytic bubbles (REFERENCE.md / the DualPipe README, where B is the *full* backward ``B_in + W``):
+``1F1B: (P-1)(F+B)``; ``DualPipe: (P/2-1)(F&B + B - 3W)``; ``DualPipeV on P devices:
+(P-1)(F&B + B - 3W)`` (the README's PP there counts the 2P stages). The simulator reproduces them
+exactly as the largest per-rank idle time when stage costs are uniform, point-to-point is free,
+``F == B_in``, ``W <= F`` and ``max(F, B) <= F&B <= F + B`` (tests/plan/test_schedules.py); outside that
+regime the formulas are approximations (e.g. they go negative for large W).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+SCHEDULES = ("1f1b", "dualpipe", "dualpipev")
+
+
+class Op(NamedTuple):
+    """One entry of a rank's order.
+
+    kind: ``"F"`` forward; ``"B"`` backward (``split`` True: input gradients only, its W is queued;
+    False: full backward); ``"W"`` the oldest queued weight-gradient; ``"FB"`` a forward of ``chunk``
+    overlapped with a full backward of ``chunk_b``.
+    """
+
+    kind: str
+    chunk: int
+    split: bool = False
+    chunk_b: int | None = None
+
+
+class Layout(NamedTuple):
+    """Where stages live. ``stage_of[(rank, chunk)] = (direction, stage)``; ``rank_of`` the inverse."""
+
+    schedule: str
+    num_ranks: int
+    num_stages: int  # per direction
+    num_directions: int
+    stage_of: dict[tuple[int, int], tuple[int, int]]
+    rank_of: dict[tuple[int, int], tuple[int, int]]
+
+
+def check_schedule(schedule: str, num_ranks: int, num_microbatches: int) -> None:
+    """Raise ``ValueError`` unless ``schedule`` can run on ``num_ranks`` ranks with that many micro-batches."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if not isinstance(num_ranks, int) or num_ranks < 1:
+        raise ValueError(f"pp (pipeline ranks) must be a positive int, got {num_ranks!r}")
+    if not isinstance(num_microbatches, int) or num_microbatches < 1:
+        raise ValueError(f"num_microbatches must be a positive int, got {num_microbatches!r}")
+    if schedule == "dualpipe":
+        if num_ranks % 2:
+            raise ValueError(f"dualpipe needs an even pp, got pp={num_ranks}")
+        if num_microbatches % 2 or num_microbatches < 2 * num_ranks:
+            raise ValueError(f"dualpipe needs an even num_microbatches >= 2*pp ({2 * num_ranks}), "
+                             f"got {num_microbatches}")
+    if schedule == "dualpipev" and num_microbatches < 2 * num_ranks:
+        raise ValueError(f"dualpipev needs num_microbatches >= 2*pp ({2 * num_ranks}), got {num_microbatches}")
+
+
+def layout(schedule: str, num_ranks: int) -> Layout:
+    """The stage placement of ``schedule`` on ``num_ranks`` pipeline ranks."""
+    p = num_ranks
+    stage_of: dict[tuple[int, int], tuple[int, int]] = {}
+    if schedule == "1f1b":
+        for r in range(p):
+            stage_of[(r, 0)] = (0, r)
+        n_stages, n_dirs = p, 1
+    elif schedule == "dualpipe":
+        for r in range(p):
+            second_half = int(r >= p // 2)
+            for c in (0, 1):
+                d = c ^ second_half
+                stage_of[(r, c)] = (d, r if d == 0 else p - 1 - r)
+        n_stages, n_dirs = p, 2
+    elif schedule == "dualpipev":
+        for r in range(p):
+            stage_of[(r, 0)] = (0, r)
+            stage_of[(r, 1)] = (0, 2 * p - 1 - r)
+        n_stages, n_dirs = 2 * p, 1
+    else:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    rank_of = {v: k for k, v in stage_of.items()}
+    return Layout(schedule, p, n_stages, n_dirs, stage_of, rank_of)
+
+
+def rank_orders(schedule: str, num_ranks: int, num_microbatches: int) -> list[list[Op]]:
+    """Per-rank op orders. ``num_microbatches`` counts all micro-batches of one pipeline (both directions)."""
+    check_schedule(schedule, num_ranks, num_microbatches)
+    if schedule == "1f1b":
+        return [_order_1f1b(num_ranks, r, num_microbatches) for r in range(num_ranks)]
+    if schedule == "dualpipe":
+        half = num_ranks // 2
+        return [_order_dual(half, min(r, num_ranks - 1 - r), num_microbatches // 2) for r in range(num_ranks)]
+    return [_order_dual(num_ranks, r, num_microbatches) for r in range(num_ranks)]
+
+
+def _order_1f1b(p: int, r: int, n: int) -> list[Op]:
+    warm = min(p - 1 - r, n)
+    order = [Op("F", 0)] * warm
+    for _ in range(n - warm):
+        order += [Op("F", 0), Op("B", 0)]
+    return order + [Op("B", 0)] * warm
+
+
+def _order_dual(nh: int, hr: int, nc: int) -> list[Op]:
+    """The eight DualPipe steps for a rank at ``hr`` of ``nh`` (half-)ranks, ``nc`` micro-batches per chunk."""
+    f0, f1 = Op("F", 0), Op("F", 1)
+    o: list[Op] = []
+    o += [f0] * (2 * (nh - hr - 1))                                  # 1: nF0
+    o += [f0, f1] * (hr + 1)                                         # 2: nF0F1
+    o += [Op("B", 1, True), Op("W", 1), f1] * (nh - hr - 1)          # 3: nB1W1F1 (split backward)
+    for i in range(nc - 2 * nh + hr + 1):                            # 4: nF0B1F1B0 (main step)
+        if i == 0 and hr == nh - 1:
+            o += [f0, Op("B", 1)]                                    # the turning rank: not overlapped
+        else:
+            o.append(Op("FB", 0, chunk_b=1))
+        o.append(Op("FB", 1, chunk_b=0))
+    for _ in range(nh - hr - 1):                                     # 5: nB1F1B0
+        o += [Op("B", 1), Op("FB", 1, chunk_b=0)]
+    split = False                                                    # 6: nB1B0, second half split
+    steps = hr + 1
+    for i in range(steps):
+        if i == steps // 2 and hr % 2 == 1:
+            split = True
+        o.append(Op("B", 1, split))
+        if i == steps // 2 and hr % 2 == 0:
+            split = True
+        o.append(Op("B", 0, split))
+    o += [Op("W", 0), Op("B", 0, True)] * (nh - hr - 1)              # 7: nWB0
+    o += [Op("W", 0)] * (hr + 1)                                     # 8: nW
+    return o
+
+
+def bubble_formula(schedule: str, num_ranks: int, f: float, b: float, w: float, fb: float) -> float:
+    """REFERENCE.md's bubble for uniform stage costs.
+
+    ``f``, ``b``, ``w``: forward, input-gradient backward and weight-gradient times of one stage and one
+    micro-batch; ``fb``: the time of an overlapped forward + full backward pair. The formulas' B is the
+    full backward ``b + w``. DualPipeV's ``num_ranks`` counts devices (its stages are ``2*num_ranks``).
+    """
+    full = b + w
+    if schedule == "1f1b":
+        return (num_ranks - 1) * (f + full)
+    if schedule == "dualpipe":
+        return (num_ranks // 2 - 1) * (fb + full - 3 * w)
+    if schedule == "dualpipev":
+        return (num_ranks - 1) * (fb + full - 3 * w)
+    raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")

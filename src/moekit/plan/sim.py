@@ -1,0 +1,257 @@
+"""Discrete-event simulation of one training step over the pipeline ranks.
+
+Each pipeline rank runs its schedule's op order (``schedules.rank_orders``). An op starts when the
+rank is free and its inputs have arrived: a forward waits for the previous stage's forward of the
+same micro-batch (+ the point-to-point time), a backward for the next stage's backward. Inside an
+op, each layer is a chain of pieces on two streams — compute and communication — and an ``FB``
+op interleaves the forward chain of one micro-batch with the backward chain of another, greedily,
+so one's communication runs under the other's compute (DualPipe's overlap). Every DP/EP replica of a
+stage is assumed identical (expected loads), so simulating the ``pp`` ranks of one pipeline stands for
+the whole cluster.
+
+The result carries ``moekit.pipeline.timeline.PhaseRecord``s (F/B/W/FB per op, COMM per transfer), so
+the pipeline's timeline plot draws it.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from functools import lru_cache
+from typing import NamedTuple, Protocol
+
+from ..pipeline.timeline import PhaseRecord
+from .cost import LayerTimes, Piece
+from .schedules import layout, rank_orders
+
+
+class OpTiming(NamedTuple):
+    """One op's internal schedule, relative to its start: ``duration``; busy seconds of ``compute``
+    and ``comm``; ``comm_hidden`` seconds of comm overlapping compute; ``comm_spans`` (start, end)."""
+
+    duration: float
+    compute: float
+    comm: float
+    comm_hidden: float
+    comm_spans: tuple[tuple[float, float], ...] = ()
+
+
+class CostModel(Protocol):
+    def op(self, kind: str, stage: int, split: bool, stage_b: int | None) -> OpTiming: ...
+
+
+class UniformCosts:
+    """Every stage costs the same: forward ``f``, input-gradient backward ``b``, weight-gradient ``w``,
+    an overlapped forward + full backward pair ``fb``. A full backward costs ``b + w``. No comm."""
+
+    def __init__(self, f: float, b: float, w: float, fb: float) -> None:
+        for name, v in (("f", f), ("b", b), ("w", w), ("fb", fb)):
+            if v < 0:
+                raise ValueError(f"UniformCosts.{name} must be >= 0, got {v}")
+        self.f, self.b, self.w, self.fb = f, b, w, fb
+
+    def op(self, kind: str, stage: int, split: bool, stage_b: int | None) -> OpTiming:
+        t = {"F": self.f, "W": self.w, "FB": self.fb}.get(kind)
+        if t is None:
+            t = self.b if split else self.b + self.w
+        return OpTiming(t, t, 0.0, 0.0)
+
+
+def two_stream(chains: Sequence[Sequence[Piece]]) -> OpTiming:
+    """Greedy list schedule of independent chains on one compute and one comm stream.
+
+    Each chain's pieces run in order; at every step the piece that can start first runs (ties: the
+    earlier chain). Returns the makespan and the busy / overlapped seconds."""
+    ready = [0.0] * len(chains)
+    idx = [0] * len(chains)
+    free = [0.0, 0.0]
+    spans: list[list[tuple[float, float]]] = [[], []]
+    while True:
+        best, best_t = -1, 0.0
+        for c, chain in enumerate(chains):
+            if idx[c] < len(chain):
+                t = max(ready[c], free[chain[idx[c]].stream])
+                if best < 0 or t < best_t:
+                    best, best_t = c, t
+        if best < 0:
+            break
+        p = chains[best][idx[best]]
+        end = best_t + p.seconds
+        if p.seconds > 0:
+            spans[p.stream].append((best_t, end))
+        free[p.stream] = ready[best] = end
+        idx[best] += 1
+    dur = max(ready) if ready else 0.0
+    comp = sum(e - s for s, e in spans[0])
+    comm = sum(e - s for s, e in spans[1])
+    return OpTiming(dur, comp, comm, _overlap(spans[1], spans[0]), tuple(spans[1]))
+
+
+def _overlap(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> float:
+    """Total length of the intersection of two sorted lists of disjoint intervals."""
+    i = j = 0
+    tot = 0.0
+    while i < len(a) and j < len(b):
+        lo, hi = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+        if hi > lo:
+            tot += hi - lo
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return tot
+
+
+class StageCosts:
+    """Costs from per-stage lists of ``LayerTimes`` (forward order). Cached per op signature."""
+
+    def __init__(self, stages: Sequence[Sequence[LayerTimes]]) -> None:
+        self.stages = [tuple(s) for s in stages]
+        self.op = lru_cache(maxsize=None)(self._op)  # type: ignore[method-assign]
+
+    def _fwd(self, s: int) -> list[Piece]:
+        return [p for lt in self.stages[s] for p in lt.forward()]
+
+    def _bwd(self, s: int, with_w: bool) -> list[Piece]:
+        return [p for lt in reversed(self.stages[s]) for p in lt.backward(with_w)]
+
+    def _op(self, kind: str, stage: int, split: bool, stage_b: int | None) -> OpTiming:
+        if kind == "F":
+            return two_stream([self._fwd(stage)])
+        if kind == "B":
+            return two_stream([self._bwd(stage, not split)])
+        if kind == "W":
+            t = sum(lt.weight() for lt in self.stages[stage])
+            return OpTiming(t, t, 0.0, 0.0)
+        assert kind == "FB"
+        return two_stream([self._fwd(stage), self._bwd(stage_b, True)])
+
+
+class SimResult(NamedTuple):
+    """step_time: makespan (s); bubble[r] = step_time - busy time of rank r; busy[r]; compute_busy[r];
+    comm[r] total comm seconds; comm_hidden[r] of those under compute; records: PhaseRecords."""
+
+    step_time: float
+    bubble: list[float]
+    busy: list[float]
+    compute_busy: list[float]
+    comm: list[float]
+    comm_hidden: list[float]
+    records: list[PhaseRecord]
+
+    @property
+    def hidden_fraction(self) -> float:
+        c = sum(self.comm)
+        return sum(self.comm_hidden) / c if c > 0 else 1.0
+
+    @property
+    def compute_fraction(self) -> float:
+        return sum(self.compute_busy) / (self.step_time * len(self.busy)) if self.step_time > 0 else 0.0
+
+
+def simulate(schedule: str, num_ranks: int, num_microbatches: int, costs: CostModel, *,
+             p2p: float = 0.0, comm_records: bool = True) -> SimResult:
+    """Simulate one step of ``schedule`` on ``num_ranks`` pipeline ranks.
+
+    ``num_microbatches``: micro-batches of one pipeline (both directions together for DualPipe).
+    ``costs.op(kind, stage, split, stage_b)``: timing of one op (``UniformCosts`` or ``StageCosts``).
+    ``p2p``: seconds from a stage's output to the next stage's input. Pure Python, no torch;
+    raises ``ValueError`` for impossible schedules (see ``schedules.check_schedule``)."""
+    if p2p < 0:
+        raise ValueError(f"p2p must be >= 0, got {p2p}")
+    orders = rank_orders(schedule, num_ranks, num_microbatches)
+    lay = layout(schedule, num_ranks)
+    last = lay.num_stages - 1
+    f_end: dict[tuple[int, int, int], float] = {}
+    b_end: dict[tuple[int, int, int], float] = {}
+    ptr = [0] * num_ranks
+    t_free = [0.0] * num_ranks
+    n_f = [[0, 0] for _ in range(num_ranks)]
+    n_b = [[0, 0] for _ in range(num_ranks)]
+    wq: list[deque] = [deque() for _ in range(num_ranks)]
+    busy, comp, comm, hidden = ([0.0] * num_ranks for _ in range(4))
+    records: list[PhaseRecord] = []
+
+    def f_ready(r: int, c: int) -> tuple[float | None, int]:
+        d, s = lay.stage_of[(r, c)]
+        m = n_f[r][c]
+        if s == 0:
+            return 0.0, m
+        t = f_end.get((d, s - 1, m))
+        hop = 0.0 if lay.rank_of[(d, s - 1)][0] == r else p2p  # DualPipeV's turn stays on the device
+        return (None if t is None else t + hop), m
+
+    def b_ready(r: int, c: int) -> tuple[float | None, int]:
+        d, s = lay.stage_of[(r, c)]
+        m = n_b[r][c]
+        if s == last:
+            return f_end.get((d, s, m)), m
+        t = b_end.get((d, s + 1, m))
+        hop = 0.0 if lay.rank_of[(d, s + 1)][0] == r else p2p
+        return (None if t is None else t + hop), m
+
+    remaining = sum(len(o) for o in orders)
+    while remaining:
+        progress = False
+        for r in range(num_ranks):
+            order = orders[r]
+            while ptr[r] < len(order):
+                op = order[ptr[r]]
+                start = t_free[r]
+                mf = mb = None
+                if op.kind in ("F", "FB"):
+                    t, mf = f_ready(r, op.chunk)
+                    if t is None:
+                        break
+                    start = max(start, t)
+                if op.kind in ("B", "FB"):
+                    cb = op.chunk if op.kind == "B" else op.chunk_b
+                    t, mb = b_ready(r, cb)
+                    if t is None:
+                        break
+                    start = max(start, t)
+                if op.kind == "W":
+                    wc, wstage, wm = wq[r].popleft()
+                    timing = costs.op("W", wstage, False, None)
+                    rec = PhaseRecord(r, "W", wc, wm, start, start + timing.duration)
+                elif op.kind == "F":
+                    s = lay.stage_of[(r, op.chunk)][1]
+                    timing = costs.op("F", s, False, None)
+                    rec = PhaseRecord(r, "F", op.chunk, mf, start, start + timing.duration)
+                elif op.kind == "B":
+                    s = lay.stage_of[(r, op.chunk)][1]
+                    timing = costs.op("B", s, op.split, None)
+                    if op.split:
+                        wq[r].append((op.chunk, s, mb))
+                    rec = PhaseRecord(r, "B", op.chunk, mb, start, start + timing.duration)
+                else:
+                    s = lay.stage_of[(r, op.chunk)][1]
+                    sb = lay.stage_of[(r, op.chunk_b)][1]
+                    timing = costs.op("FB", s, False, sb)
+                    rec = PhaseRecord(r, "FB", op.chunk, mf, start, start + timing.duration, mb, op.chunk_b)
+                end = start + timing.duration
+                if mf is not None:
+                    d, s = lay.stage_of[(r, op.chunk)]
+                    f_end[(d, s, mf)] = end
+                    n_f[r][op.chunk] += 1
+                if mb is not None:
+                    cb = op.chunk if op.kind == "B" else op.chunk_b
+                    d, s = lay.stage_of[(r, cb)]
+                    b_end[(d, s, mb)] = end
+                    n_b[r][cb] += 1
+                records.append(rec)
+                if comm_records:
+                    records.extend(PhaseRecord(r, "COMM", rec.chunk, rec.microbatch, start + a, start + b)
+                                   for a, b in timing.comm_spans)
+                busy[r] += timing.duration
+                comp[r] += timing.compute
+                comm[r] += timing.comm
+                hidden[r] += timing.comm_hidden
+                t_free[r] = end
+                ptr[r] += 1
+                remaining -= 1
+                progress = True
+        assert progress, f"schedule {schedule} deadlocked at ops {ptr}"
+    assert all(not q for q in wq), "weight-gradient queue not drained"
+    step = max(t_free)
+    return SimResult(step, [step - b for b in busy], busy, comp, comm, hidden, records)
