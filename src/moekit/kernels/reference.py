@@ -1,0 +1,115 @@
+"""Plain-torch references of every FP8 kernel: the CPU path and what the Triton kernels are tested against.
+
+Quantization (DeepSeek-V3's recipe): a scale is the tile's max-abs (clamped below at 1e-4) over 448, the
+data is ``x / scale`` rounded to e4m3 with saturation; ``scale_fmt="ue8m0"`` rounds each scale up to a
+power of two. GEMMs dequantize both operands and multiply in fp32, which is what the kernels compute with
+their per-128-of-K fp32 promotion (up to fp32 summation order).
+
+Shape legend: M rows of activations, N output features, K reduction, G groups (experts), B = 128.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._backend import FP8_DTYPE, FP8_MAX, cdiv
+
+AMAX_EPS = 1e-4  # floor of a tile's max-abs, so that all-zero tiles get a finite scale
+
+
+def ceil_pow2(s: torch.Tensor) -> torch.Tensor:
+    """Smallest power of two >= ``s`` (fp32, positive, normal), by bits so that it is exact everywhere."""
+    bits = s.contiguous().view(torch.int32)
+    up = (bits & 0x7FFFFF) != 0
+    out = (bits & 0x7F800000) + (up.to(torch.int32) << 23)
+    return out.view(torch.float32).reshape(s.shape)
+
+
+def _scale(amax: torch.Tensor, scale_fmt: str | None) -> torch.Tensor:
+    s = amax.clamp_min(AMAX_EPS) / FP8_MAX
+    return ceil_pow2(s) if scale_fmt == "ue8m0" else s
+
+
+def _to_e4m3(y: torch.Tensor) -> torch.Tensor:
+    return y.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def per_token_group_quant_ref(x: torch.Tensor, group_size: int, scale_fmt: str | None):
+    """``x [..., K]`` -> ``(e4m3 [..., K], fp32 [..., K/group_size])``."""
+    *lead, k = x.shape
+    g = x.float().reshape(*lead, k // group_size, group_size)
+    s = _scale(g.abs().amax(dim=-1), scale_fmt)  # [..., K/gs]
+    q = _to_e4m3(g / s.unsqueeze(-1)).reshape(*lead, k)
+    return q, s
+
+
+def per_token_group_dequant_ref(q: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
+    *lead, k = q.shape
+    g = q.float().reshape(*lead, k // group_size, group_size)
+    return (g * scales.unsqueeze(-1)).reshape(*lead, k)
+
+
+def _pad_to_blocks(w: torch.Tensor, block: int) -> torch.Tensor:
+    *lead, n, k = w.shape
+    pn, pk = cdiv(n, block) * block, cdiv(k, block) * block
+    if (pn, pk) == (n, k):
+        return w
+    out = w.new_zeros(*lead, pn, pk)
+    out[..., :n, :k] = w
+    return out
+
+
+def per_block_quant_ref(w: torch.Tensor, block: int, scale_fmt: str | None = None):
+    """``w [..., N, K]`` -> ``(e4m3 [..., N, K], fp32 [..., ceil(N/B), ceil(K/B)])``; ragged edges count as zeros."""
+    *lead, n, k = w.shape
+    p = _pad_to_blocks(w.float(), block)
+    nb, kb = p.shape[-2] // block, p.shape[-1] // block
+    t = p.reshape(*lead, nb, block, kb, block)
+    s = _scale(t.abs().amax(dim=(-3, -1)), scale_fmt)  # [..., nb, kb]
+    q = _to_e4m3(t / s[..., :, None, :, None]).reshape(*lead, nb * block, kb * block)
+    return q[..., :n, :k], s
+
+
+def per_block_dequant_ref(q: torch.Tensor, scales: torch.Tensor, block: int) -> torch.Tensor:
+    *lead, n, k = q.shape
+    p = _pad_to_blocks(q.float(), block)
+    nb, kb = p.shape[-2] // block, p.shape[-1] // block
+    t = p.reshape(*lead, nb, block, kb, block) * scales[..., :, None, :, None]
+    return t.reshape(*lead, nb * block, kb * block)[..., :n, :k]
+
+
+def fp8_gemm_nt_ref(a, a_scales, b, b_scales, out_dtype, block: int = 128) -> torch.Tensor:
+    """``a [M, K]`` (1xB scales) times ``b [N, K]`` (BxB scales) transposed -> ``[M, N]`` in ``out_dtype``."""
+    da = per_token_group_dequant_ref(a, a_scales, block)
+    db = per_block_dequant_ref(b, b_scales, block)
+    return (da @ db.T).to(out_dtype)
+
+
+def m_grouped_contiguous_ref(a, a_scales, b, b_scales, m_indices, out_dtype, block: int = 128) -> torch.Tensor:
+    """Row ``i`` of the result is ``a[i] @ b[m_indices[i]].T``; rows with ``m_indices == -1`` are zero."""
+    da = per_token_group_dequant_ref(a, a_scales, block)  # [M, K]
+    out = torch.zeros(a.shape[0], b.shape[1], dtype=torch.float32, device=a.device)
+    m = m_indices.long()
+    for g in torch.unique(m[m >= 0]).tolist():  # host sync: fine on the reference path
+        rows = (m == g).nonzero().squeeze(1)
+        db = per_block_dequant_ref(b[g], b_scales[g], block)  # [N, K]
+        out[rows] = da[rows] @ db.T
+    return out.to(out_dtype)
+
+
+def m_grouped_masked_ref(a, a_scales, b, b_scales, masked_m, out_dtype, block: int = 128) -> torch.Tensor:
+    """``out[g, i] = a[g, i] @ b[g].T`` for ``i < masked_m[g]``, zero for the other rows of ``[G, M_max, N]``."""
+    da = per_token_group_dequant_ref(a, a_scales, block)  # [G, M_max, K]
+    db = per_block_dequant_ref(b, b_scales, block)  # [G, N, K]
+    out = torch.bmm(da, db.transpose(1, 2))
+    keep = torch.arange(a.shape[1], device=a.device)[None, :] < masked_m.to(a.device)[:, None]
+    return torch.where(keep[..., None], out, 0.0).to(out_dtype)
+
+
+def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
+    """DeepGEMM's accuracy measure ``1 - 2*sum(x*y) / sum(x*x + y*y)`` in float64 (0 when equal)."""
+    x, y = x.detach().double(), y.detach().double()
+    denom = (x * x + y * y).sum()
+    if denom == 0:
+        return 0.0
+    return float(1 - 2 * (x * y).sum() / denom)
