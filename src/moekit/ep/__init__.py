@@ -1,0 +1,13 @@
+"""Expert-parallel communication: dispatch tokens to the ranks of their experts and combine them back."""
+
+from .buffer import Buffer, CombineOutput, DispatchOutput
+from .event import EventOverlap
+from .handle import DispatchHandle
+from .layout import DispatchLayout, get_dispatch_layout
+from .low_latency import LowLatencyCombineOutput, LowLatencyDispatchOutput, LowLatencyHandle
+from .naive import NaiveBuffer
+from .stats import Traffic, TrafficStats
+
+__all__ = ["Buffer", "CombineOutput", "DispatchHandle", "DispatchLayout", "DispatchOutput", "EventOverlap",
+           "LowLatencyCombineOutput", "LowLatencyDispatchOutput", "LowLatencyHandle", "NaiveBuffer", "Traffic",
+           "TrafficStats", "get_dispatch_layout"]

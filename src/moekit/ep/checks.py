@@ -1,0 +1,127 @@
+"""Argument checks of dispatch/combine. They raise :class:`InputError` (a status code + ints), never a
+plain exception, so that the Buffer can report the problem collectively instead of hanging its peers.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from .errors import Code, InputError, dtype_code
+from .fp8 import FP8_DTYPE, num_scale_cols
+
+FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+class XInfo(NamedTuple):
+    data: torch.Tensor  # [T, H]
+    scales: torch.Tensor | None  # [T, ceil(H/128)] fp32 for an FP8 pair
+    num_tokens: int
+    hidden: int
+
+    @property
+    def is_pair(self) -> bool:
+        return self.scales is not None
+
+
+def _dtype_of(t) -> int:
+    return dtype_code(t.dtype) if isinstance(t, torch.Tensor) else dtype_code(None)
+
+
+def check_x(x) -> XInfo:
+    if isinstance(x, (tuple, list)):
+        if len(x) != 2 or not all(isinstance(t, torch.Tensor) for t in x):
+            raise InputError(Code.X_TYPE)
+        data, scales = x
+        if data.dim() != 2 or data.dtype != FP8_DTYPE:
+            raise InputError(Code.FP8_DATA_DTYPE, _dtype_of(data))
+        t, h = data.shape
+        if h < 1:
+            raise InputError(Code.EMPTY_HIDDEN)
+        if scales.dtype != torch.float32 or tuple(scales.shape) != (t, num_scale_cols(h)):
+            raise InputError(Code.FP8_SCALES, t, num_scale_cols(h), _dtype_of(scales))
+        if scales.device != data.device:
+            raise InputError(Code.DEVICE)
+        return XInfo(data, scales, t, h)
+    if not isinstance(x, torch.Tensor):
+        raise InputError(Code.X_TYPE)
+    if x.dim() != 2:
+        raise InputError(Code.X_NDIM, x.dim())
+    if x.dtype not in FLOAT_DTYPES:
+        raise InputError(Code.X_DTYPE, dtype_code(x.dtype))
+    if x.shape[1] < 1:
+        raise InputError(Code.EMPTY_HIDDEN)
+    return XInfo(x, None, x.shape[0], x.shape[1])
+
+
+def check_routing(topk_idx, topk_weights, num_tokens: int, device: torch.device) -> int:
+    """Shape/dtype checks of ``topk_idx`` [T, K] int64 and ``topk_weights`` [T, K] fp32 (or None); returns K."""
+    if not isinstance(topk_idx, torch.Tensor):
+        raise InputError(Code.IDX_DTYPE, dtype_code(None))
+    if topk_idx.dim() != 2 or topk_idx.shape[1] < 1:
+        raise InputError(Code.IDX_NDIM, topk_idx.dim())
+    if topk_idx.dtype != torch.int64:
+        raise InputError(Code.IDX_DTYPE, dtype_code(topk_idx.dtype))
+    if topk_idx.shape[0] != num_tokens:
+        raise InputError(Code.NUM_TOKENS, num_tokens, topk_idx.shape[0])
+    if topk_weights is not None:
+        if not isinstance(topk_weights, torch.Tensor):
+            raise InputError(Code.W_DTYPE, dtype_code(None))
+        if topk_weights.dtype != torch.float32:
+            raise InputError(Code.W_DTYPE, dtype_code(topk_weights.dtype))
+        if topk_weights.shape != topk_idx.shape:
+            raise InputError(Code.W_SHAPE, *topk_idx.shape)
+        if topk_weights.device != device:
+            raise InputError(Code.DEVICE)
+    if topk_idx.device != device:
+        raise InputError(Code.DEVICE)
+    return topk_idx.shape[1]
+
+
+def check_num_experts(num_experts, num_ranks: int) -> int:
+    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts <= 0 \
+            or num_experts % num_ranks != 0:
+        raise InputError(Code.NUM_EXPERTS, num_experts if isinstance(num_experts, int) else -1, num_ranks)
+    return num_experts
+
+
+def check_expert_range(topk_idx: torch.Tensor, num_experts: int) -> None:
+    """Values in [-1, E). One host sync (two scalars)."""
+    if topk_idx.numel() == 0:
+        return
+    lo, hi = (int(v) for v in torch.stack(list(topk_idx.aminmax())).tolist())
+    if lo < -1:
+        raise InputError(Code.IDX_RANGE, lo, num_experts)
+    if hi >= num_experts:
+        raise InputError(Code.IDX_RANGE, hi, num_experts)
+
+
+def check_dispatch(x, topk_idx, topk_weights, num_experts, num_ranks: int, fp8: bool,
+                   expert_alignment) -> tuple[XInfo, int, int]:
+    """All checks of a dispatch without a handle; returns ``(x info, K, E)``."""
+    info = check_x(x)
+    if topk_idx is None:
+        raise InputError(Code.IDX_MISSING)
+    k = check_routing(topk_idx, topk_weights, info.num_tokens, info.data.device)
+    e = check_num_experts(num_experts, num_ranks)
+    check_expert_range(topk_idx, e)
+    if fp8 and not info.is_pair and info.hidden % 128 != 0:
+        raise InputError(Code.FP8_HIDDEN, info.hidden)
+    if isinstance(expert_alignment, bool) or not isinstance(expert_alignment, int) or expert_alignment < 1:
+        raise InputError(Code.ALIGNMENT, expert_alignment if isinstance(expert_alignment, int) else 0)
+    return info, k, e
+
+
+def check_combine_x(x, num_rows: int, hidden: int) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise InputError(Code.CX_DTYPE, dtype_code(None))
+    if x.dim() != 2:
+        raise InputError(Code.CX_NDIM, x.dim())
+    if x.dtype not in FLOAT_DTYPES:
+        raise InputError(Code.CX_DTYPE, dtype_code(x.dtype))
+    if x.shape[0] != num_rows:
+        raise InputError(Code.CX_ROWS, x.shape[0], num_rows)
+    if x.shape[1] != hidden:
+        raise InputError(Code.CX_HIDDEN, x.shape[1], hidden)
+    return x

@@ -1,0 +1,172 @@
+"""Collective error reporting: a status word that travels with the counts (or in-band with the rows).
+
+A rank that finds a problem in its own arguments does not raise at once (the other ranks would hang
+in the next collective). It encodes the problem as a few integers, takes part in the exchange with
+empty rows, and after the exchange *every* rank renders the same message from the same integers and
+raises it. The lowest failing rank wins when several fail.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import NamedTuple
+
+import torch
+
+STATUS_INTS = 5  # code, rank, a, b, c
+
+
+class Code(enum.IntEnum):
+    OK = 0
+    X_TYPE = 1
+    X_NDIM = 2
+    X_DTYPE = 3
+    FP8_DATA_DTYPE = 4
+    FP8_SCALES = 5
+    IDX_NDIM = 6
+    IDX_DTYPE = 7
+    W_SHAPE = 8
+    W_DTYPE = 9
+    NUM_TOKENS = 10
+    IDX_RANGE = 11
+    NUM_EXPERTS = 12
+    FP8_HIDDEN = 13
+    ALIGNMENT = 14
+    HANDLE_TOKENS = 15
+    HANDLE_ROUTING = 16
+    HANDLE_EXPERTS = 17
+    DEVICE = 18
+    CX_NDIM = 19
+    CX_DTYPE = 20
+    CX_ROWS = 21
+    CX_HIDDEN = 22
+    MISMATCH = 23
+    EMPTY_HIDDEN = 24
+    IDX_MISSING = 25
+
+
+# Dtypes are sent as their index in this table.
+_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2, torch.float64,
+           torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool, torch.complex64]
+
+
+def dtype_code(dtype: torch.dtype) -> int:
+    return _DTYPES.index(dtype) if dtype in _DTYPES else len(_DTYPES)
+
+
+def dtype_name(code: int) -> str:
+    return str(_DTYPES[code]) if 0 <= code < len(_DTYPES) else "another dtype"
+
+
+# Fields compared across ranks by Code.MISMATCH (a = field id, b = value on rank 0, c = value on `rank`).
+MISMATCH_FIELDS = ["hidden size", "x dtype", "num_experts", "num_topk (K)", "fp8 (x is an FP8 pair or fp8=True)",
+                   "topk_weights given"]
+
+
+def _render(code: Code, a: int, b: int, c: int) -> tuple[type[Exception], str]:
+    if code == Code.X_TYPE:
+        return TypeError, "x must be a tensor [T, H] or an (fp8 data [T, H], scales [T, ceil(H/128)]) pair"
+    if code == Code.X_NDIM:
+        return ValueError, f"x must be 2-D [num_tokens, hidden], got a {a}-D tensor"
+    if code == Code.X_DTYPE:
+        return TypeError, f"x must be bfloat16, float16 or float32, got {dtype_name(a)}"
+    if code == Code.FP8_DATA_DTYPE:
+        return TypeError, f"the data of an FP8 pair x must be a 2-D float8_e4m3fn tensor, got {dtype_name(a)}"
+    if code == Code.FP8_SCALES:
+        return ValueError, (f"the scales of an FP8 pair x must be float32 [num_tokens, ceil(hidden/128)] = "
+                            f"[{a}, {b}], got {dtype_name(c)} with a different shape or dtype")
+    if code == Code.IDX_NDIM:
+        return ValueError, f"topk_idx must be 2-D [num_tokens, num_topk] with num_topk >= 1, got {a}-D"
+    if code == Code.IDX_DTYPE:
+        return TypeError, f"topk_idx must be int64, got {dtype_name(a)}"
+    if code == Code.W_SHAPE:
+        return ValueError, f"topk_weights must have the shape of topk_idx [{a}, {b}]"
+    if code == Code.W_DTYPE:
+        return TypeError, f"topk_weights must be float32, got {dtype_name(a)}"
+    if code == Code.NUM_TOKENS:
+        return ValueError, f"num_tokens differs between x ({a}) and topk_idx ({b})"
+    if code == Code.IDX_RANGE:
+        return ValueError, f"topk_idx values must lie in [-1, num_experts={b}), found {a}"
+    if code == Code.NUM_EXPERTS:
+        return ValueError, f"num_experts ({a}) must be a positive multiple of the number of ranks ({b})"
+    if code == Code.FP8_HIDDEN:
+        return ValueError, f"fp8=True needs a hidden size that is a multiple of 128, got {a}"
+    if code == Code.ALIGNMENT:
+        return ValueError, f"expert_alignment must be >= 1, got {a}"
+    if code == Code.HANDLE_TOKENS:
+        return ValueError, f"handle is from another layout: it was made for {a} tokens, x has {b}"
+    if code == Code.HANDLE_ROUTING:
+        return ValueError, "handle is from another layout: topk_idx sends tokens to other ranks than the handle's"
+    if code == Code.HANDLE_EXPERTS:
+        return ValueError, f"handle is from another layout: it was made for num_experts={a}, got {b}"
+    if code == Code.DEVICE:
+        return ValueError, "x, topk_idx and topk_weights must be on the same device"
+    if code == Code.CX_NDIM:
+        return ValueError, f"combine's x must be 2-D [num_recv_tokens, hidden], got a {a}-D tensor"
+    if code == Code.CX_DTYPE:
+        return TypeError, f"combine's x must be bfloat16, float16 or float32, got {dtype_name(a)}"
+    if code == Code.CX_ROWS:
+        return ValueError, f"combine's x must have the handle's {b} received rows, got {a}"
+    if code == Code.CX_HIDDEN:
+        return ValueError, f"combine's x must have the dispatched hidden size {b}, got {a}"
+    if code == Code.MISMATCH:
+        field = MISMATCH_FIELDS[a]
+        if field == "x dtype":
+            b_s, c_s = dtype_name(b), dtype_name(c)
+        else:
+            b_s, c_s = str(b), str(c)
+        return ValueError, f"{field} differs between ranks: rank 0 passes {b_s}, it passes {c_s}"
+    if code == Code.EMPTY_HIDDEN:
+        return ValueError, "x must have a hidden size >= 1"
+    if code == Code.IDX_MISSING:
+        return ValueError, "topk_idx and topk_weights may be None only with a handle"
+    raise AssertionError(f"unknown status code {code}")
+
+
+class Status(NamedTuple):
+    """A problem found on one rank, or ``OK``."""
+
+    code: int = 0
+    rank: int = -1
+    a: int = 0
+    b: int = 0
+    c: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.code == 0
+
+    def ints(self) -> list[int]:
+        return [int(self.code), int(self.rank), int(self.a), int(self.b), int(self.c)]
+
+
+OK = Status()
+
+
+def first_failure(statuses) -> Status:
+    """The failing status of the lowest rank among ``statuses`` (iterable of 5-int sequences), or OK."""
+    worst = OK
+    for s in statuses:
+        s = Status(*[int(v) for v in s])
+        if s.code != 0 and (worst.ok or s.rank < worst.rank):
+            worst = s
+    return worst
+
+
+def raise_status(op: str, status: Status, world_size: int) -> None:
+    """Raise the exception of a failing ``status`` (identically on every rank); no-op when OK."""
+    if status.ok:
+        return
+    exc, msg = _render(Code(status.code), status.a, status.b, status.c)
+    raise exc(f"moekit.Buffer.{op}: rank {status.rank} of {world_size}: {msg}")
+
+
+class InputError(Exception):
+    """Internal: carries a Status out of a validation helper."""
+
+    def __init__(self, code: Code, a: int = 0, b: int = 0, c: int = 0):
+        super().__init__(code)
+        self.code, self.a, self.b, self.c = code, int(a), int(b), int(c)
+
+    def status(self, rank: int) -> Status:
+        return Status(int(self.code), rank, self.a, self.b, self.c)

@@ -1,0 +1,40 @@
+"""Traffic counters of a Buffer: bytes of the rows each rank actually handed to the transport."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass
+class Traffic:
+    """Bytes sent by this rank, by hop kind. A row moved over several hops counts once per hop."""
+
+    self_bytes: int = 0  # rows whose hop ends on the sending rank itself
+    intra_node_bytes: int = 0  # hops to another rank of the same node
+    inter_node_bytes: int = 0  # hops to a rank of another node
+
+    @property
+    def total_bytes(self) -> int:
+        return self.self_bytes + self.intra_node_bytes + self.inter_node_bytes
+
+    def add(self, other: Traffic) -> None:
+        self.self_bytes += other.self_bytes
+        self.intra_node_bytes += other.intra_node_bytes
+        self.inter_node_bytes += other.inter_node_bytes
+
+
+@dataclasses.dataclass
+class TrafficStats:
+    """``last``: the latest dispatch or combine (all its hops); ``total``: everything since creation/reset."""
+
+    last: Traffic = dataclasses.field(default_factory=Traffic)
+    total: Traffic = dataclasses.field(default_factory=Traffic)
+    num_calls: int = 0
+
+    def record(self, traffic: Traffic) -> None:
+        self.last = traffic
+        self.total.add(traffic)
+        self.num_calls += 1
+
+    def reset(self) -> None:
+        self.last, self.total, self.num_calls = Traffic(), Traffic(), 0
