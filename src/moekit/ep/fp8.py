@@ -1,4 +1,4 @@
-"""FP8 (e4m3) 1x128 tile quantization for the dispatch wire, in plain torch.
+"""FP8 (e4m3) 1x128 tile quantization for the dispatch wire.
 
 DeepSeek-V3 sends dispatched activations in FP8 with one scale per 1x128 tile, scales rounded up to
 a power of two (so that dequantization is exact in any precision). ``scales`` are multipliers:
@@ -8,6 +8,8 @@ a power of two (so that dequantization is exact in any precision). ``scales`` ar
 from __future__ import annotations
 
 import torch
+
+from moekit.kernels import per_token_group_quant
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -19,14 +21,13 @@ def num_scale_cols(hidden: int) -> int:
 
 
 def quantize_1x128(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x [T, H]`` float (H % 128 == 0) → ``(data [T, H] float8_e4m3fn, scales [T, H/128] float32)``."""
-    t, h = x.shape
-    assert h % TILE == 0, h
-    tiles = x.float().reshape(t, h // TILE, TILE)
-    amax = tiles.abs().amax(dim=2).clamp_min(1e-4)  # [T, H/128]; floor keeps all-zero tiles finite
-    # Power-of-two scale >= amax / FP8_MAX: the largest element still fits after division.
-    scales = torch.exp2(torch.ceil(torch.log2(amax / FP8_MAX)))
-    data = (tiles / scales.unsqueeze(2)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).reshape(t, h)
+    """``x [T, H]`` float (H % 128 == 0) → ``(data [T, H] float8_e4m3fn, scales [T, H/128] float32)``.
+
+    The ue8m0 (power-of-two) flavour of :func:`moekit.kernels.per_token_group_quant`: the Triton kernel
+    on GPU tensors, its torch reference on the CPU.
+    """
+    assert x.shape[-1] % TILE == 0, x.shape
+    data, scales = per_token_group_quant(x, TILE, scale_fmt="ue8m0")
     return data, scales
 
 
