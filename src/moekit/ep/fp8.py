@@ -10,10 +10,8 @@ from __future__ import annotations
 import torch
 
 from moekit.kernels import per_token_group_quant
-
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = 448.0
-TILE = 128
+from moekit.kernels._backend import BLOCK as TILE
+from moekit.kernels._backend import FP8_DTYPE, FP8_MAX  # noqa: F401  (re-exported for ep/)
 
 
 def num_scale_cols(hidden: int) -> int:
