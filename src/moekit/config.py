@@ -44,6 +44,7 @@ class MoEConfig:
     bias_update_speed: float = 0.001  # gamma of aux-loss-free balancing
     seq_aux_loss_alpha: float = 0.0001
     expert_backend: str = "torch"  # "torch" (bf16/fp32 grouped) or "fp8" (Triton FP8 grouped GEMM)
+    dispatch_fp8: bool = False  # send dispatched rows in FP8 (1x128 power-of-two scales), as DeepSeek-V3
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:
@@ -61,6 +62,14 @@ class MoEConfig:
             raise ValueError(f"MoEConfig.scoring_func must be one of {_SCORING}, got {self.scoring_func!r}")
         if self.expert_backend not in _BACKENDS:
             raise ValueError(f"MoEConfig.expert_backend must be one of {_BACKENDS}, got {self.expert_backend!r}")
+        if self.expert_backend == "fp8":
+            for name in ("hidden_size", "moe_intermediate_size"):
+                if getattr(self, name) % 128 != 0:
+                    raise ValueError(f"MoEConfig.{name} ({getattr(self, name)}) must be a multiple of 128 with "
+                                     f"expert_backend='fp8' (1x128 / 128x128 scaling blocks)")
+        if self.dispatch_fp8 and self.hidden_size % 128 != 0:
+            raise ValueError(f"MoEConfig.hidden_size ({self.hidden_size}) must be a multiple of 128 with "
+                             f"dispatch_fp8=True (1x128 scaling tiles)")
         if self.n_routed_experts % self.n_group != 0:
             raise ValueError(f"MoEConfig.n_routed_experts ({self.n_routed_experts}) must be divisible by "
                              f"n_group ({self.n_group})")
@@ -90,17 +99,63 @@ class MoEConfig:
         return self.n_routed_experts // self.n_group
 
     def check_ep(self, ep_size: int, ranks_per_node: int | None = None) -> None:
-        """Raise ``ValueError`` unless the routed experts shard evenly over ``ep_size`` ranks."""
+        """Raise ``ValueError`` unless the routed experts shard evenly over ``ep_size`` ranks and, with
+        node-limited routing, every token still finds ``num_experts_per_tok`` candidate experts.
+
+        ``ranks_per_node=None`` means one node (node-limited routing is then a no-op).
+        """
+        if not isinstance(ep_size, int) or ep_size < 1:
+            raise ValueError(f"EP size must be a positive int, got {ep_size!r}")
         if self.n_routed_experts % ep_size != 0:
             raise ValueError(f"MoEConfig.n_routed_experts ({self.n_routed_experts}) must be divisible by the "
                              f"EP size ({ep_size})")
-        if self.max_nodes_per_token is not None and ranks_per_node is not None:
-            nodes = ep_size // ranks_per_node
-            per_node = self.n_routed_experts // max(nodes, 1)
-            if self.num_experts_per_tok > min(self.max_nodes_per_token, nodes) * per_node:
+        rpn = ep_size if ranks_per_node is None else ranks_per_node
+        if rpn < 1 or ep_size % rpn != 0:
+            raise ValueError(f"ranks_per_node ({ranks_per_node}) must divide the EP size ({ep_size})")
+        nodes = ep_size // rpn
+        if self.max_nodes_per_token is None or self.max_nodes_per_token >= nodes:
+            return
+        per_node = self.n_routed_experts // nodes
+        limits = self.routing_limits(nodes)
+        if len(limits) == 2:
+            per_group = self.experts_per_group
+            if per_node % per_group != 0 and per_group % per_node != 0:
                 raise ValueError(
-                    f"MoEConfig.num_experts_per_tok ({self.num_experts_per_tok}) exceeds the experts on "
-                    f"max_nodes_per_token ({self.max_nodes_per_token}) nodes of {per_node} experts")
+                    f"MoEConfig.max_nodes_per_token ({self.max_nodes_per_token}) with n_group ({self.n_group}) "
+                    f"needs groups and nodes that nest: {per_group} experts per group vs {per_node} per node")
+        if self.num_experts_per_tok > self.guaranteed_candidates(nodes):
+            raise ValueError(
+                f"MoEConfig.num_experts_per_tok ({self.num_experts_per_tok}) exceeds the experts a token can "
+                f"still choose with max_nodes_per_token ({self.max_nodes_per_token}) of {nodes} nodes "
+                f"({per_node} experts each), topk_group ({self.topk_group}) of n_group ({self.n_group}): "
+                f"{self.guaranteed_candidates(nodes)}")
+
+    def routing_limits(self, num_nodes: int = 1) -> list[tuple[int, int]]:
+        """The block limits of the gate, coarsest first: ``[(num_blocks, blocks_kept), ...]``.
+
+        Groups (``n_group``/``topk_group``) and nodes (``num_nodes``/``max_nodes_per_token``) are both
+        contiguous equal blocks of experts; a limit that keeps every block is left out. Applying the
+        coarser limit first means the finer one always sees whole blocks (validated by :meth:`check_ep`).
+        """
+        limits = []
+        if self.n_group > 1 and self.topk_group < self.n_group:
+            limits.append((self.n_group, self.topk_group))
+        m = self.max_nodes_per_token
+        if num_nodes > 1 and m is not None and m < num_nodes:
+            limits.append((num_nodes, m))
+        limits.sort(key=lambda nk: nk[0])
+        if len(limits) == 2 and limits[0][0] == limits[1][0]:  # same partition: the tighter limit wins
+            limits = [(limits[0][0], min(limits[0][1], limits[1][1]))]
+        return limits
+
+    def guaranteed_candidates(self, num_nodes: int = 1) -> int:
+        """The fewest experts any token can still choose from after the block limits (see ``routing_limits``)."""
+        avail_blocks, size = 1, self.n_routed_experts  # blocks still open and their size
+        for nb, keep in self.routing_limits(num_nodes):
+            new_size = self.n_routed_experts // nb
+            open_blocks = avail_blocks * (size // new_size)
+            avail_blocks, size = min(keep, open_blocks), new_size
+        return avail_blocks * size
 
     def replace(self, **changes: Any) -> MoEConfig:
         return dataclasses.replace(self, **changes)

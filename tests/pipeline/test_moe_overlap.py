@@ -17,7 +17,7 @@ import torch.distributed as dist
 from moekit import MoEConfig
 from moekit.moe import MoE
 from moekit.pipeline import DualPipe, set_p2p_tensor_dtype, set_p2p_tensor_shapes
-from moekit.pipeline.moe_overlap import MoEBlock, MoEStage, moe_forward_steps
+from moekit.pipeline.moe_overlap import MoEBlock, MoEStage
 from moekit.testing import spawn
 
 CFG = dict(hidden_size=8, moe_intermediate_size=8, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
@@ -57,7 +57,7 @@ def _rank(rank, world):
     # the generator form of the MoE forward is the MoE forward
     m = mods[0].blocks[0].moe
     h = torch.randn(TOKENS, CFG["hidden_size"], generator=torch.Generator().manual_seed(5))
-    steps = moe_forward_steps(m, h)
+    steps = m.forward_steps(h)
     events = 0
     try:
         while True:

@@ -23,7 +23,7 @@ Shape legend: T = tokens of a micro-batch (all leading dims flattened), H = hidd
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -33,51 +33,11 @@ from .. import dist as mdist
 from .timeline import PhaseRecord
 
 
-def moe_forward_steps(moe, hidden_states: torch.Tensor) -> Iterator:
-    """``moekit.MoE.forward`` as a generator that yields each asynchronous transfer it launches.
-
-    Yields the ``EventOverlap`` of the dispatch, then of the combine (nothing with no Buffer, i.e. EP
-    size 1); the caller may compute in between and resumes it, and it waits for the event itself.
-    Returns (``StopIteration.value``) the MoE output ``[..., H]``, identical to ``moe(hidden_states)``.
-    """
-    shape = hidden_states.shape
-    h = moe.config.hidden_size
-    if shape[-1] != h:
-        raise ValueError(f"MoE: hidden_states must end in hidden_size ({h}), got {list(shape)}")
-    x = hidden_states.reshape(-1, h)  # [T, H]
-    topk_idx, topk_weights, scores = moe.gate(x)  # [T, K], [T, K], [T, E]
-    with torch.no_grad():
-        moe.load.record(topk_idx)
-    if moe.buffer is None:
-        y = moe.experts(x, topk_idx, topk_weights)
-    else:
-        d = moe.buffer.dispatch(x, topk_idx, topk_weights, moe.config.n_routed_experts, async_finish=True)
-        yield d.event
-        d.event.wait()
-        expert_out = moe.experts(d.recv_x, d.recv_topk_idx, d.recv_topk_weights,
-                                 list(d.num_recv_tokens_per_expert_list))
-        y, event = moe.buffer.combine(expert_out, d.handle, async_finish=True)
-        yield event
-        event.wait()
-    if moe.shared_experts is not None:
-        y = y + moe.shared_experts(x)
-    alpha = moe.config.seq_aux_loss_alpha
-    if moe.training and alpha > 0 and torch.is_grad_enabled():
-        from ..routing.balance import attach_aux_loss, sequence_aux_loss
-
-        seq_len = shape[-2] if len(shape) == 3 else None
-        aux = sequence_aux_loss(scores, topk_idx, alpha, seq_len, norm=moe.config.scoring_func == "sigmoid")
-        moe.aux_loss = aux.detach()
-        y = attach_aux_loss(y, aux)
-    return y.view(shape)
-
-
 class MoEBlock(nn.Module):
     """``h = x + dense(norm1(x)); y = h + moe(norm2(h))``: a transformer block whose attention is stood in
     for by a dense SwiGLU MLP (any ``dense`` module of ``[..., H] -> [..., H]`` may replace it).
 
-    ``moe`` is a ``moekit.MoE`` (or anything with its attributes: gate, load, buffer, experts,
-    shared_experts, config). Input and output ``[..., H]``.
+    ``moe`` is a ``moekit.MoE`` (or anything with its ``forward_steps`` generator). Input and output ``[..., H]``.
     """
 
     def __init__(self, moe: nn.Module, dense: nn.Module | None = None):
@@ -99,7 +59,7 @@ class MoEBlock(nn.Module):
     def forward_steps(self, x: torch.Tensor):
         """Generator form of ``forward``: yields the MoE's in-flight transfers, returns ``(h, y)``."""
         h = x + self.dense(self.norm1(x))
-        m = yield from moe_forward_steps(self.moe, self.norm2(h))
+        m = yield from self.moe.forward_steps(self.norm2(h))
         return h, h + m
 
     def dense_params(self) -> list[nn.Parameter]:

@@ -1,0 +1,267 @@
+"""``moekit.MoE``: the DeepSeek-V3 MoE block, expert-parallel over a process group and trainable.
+
+Shape legend: T = tokens on this rank, H = hidden size, E = routed experts, K = experts per token,
+R = EP size (ranks of ``group``), E_loc = E / R experts on each rank.
+
+Data flow (see docs/moe.md): gate -> Buffer.dispatch -> local experts (grouped over contiguous
+per-expert segments) -> Buffer.combine -> + shared experts. World size 1 runs no communication.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .. import dist as mdist
+from ..config import MoEConfig
+from ..routing.balance import BiasUpdate, ExpertLoad, attach_aux_loss, sequence_aux_loss, update_bias
+from ..routing.gate import Gate
+from .experts import MLP, RoutedExperts
+
+
+class MoE(nn.Module):
+    """A DeepSeek-V3 MoE block (HF's ``DeepseekV3MoE``) with its routed experts sharded over ``group``.
+
+    Rank r of ``group`` holds the routed experts ``[r*E/R, (r+1)*E/R)``; the gate and the shared experts
+    are replicated (their gradients are per-rank partial sums: all-reduce them over the data-parallel
+    ranks, e.g. with :func:`allreduce_replicated_grads`). Construction is collective when R > 1 (it
+    creates the :class:`moekit.Buffer`, unless ``buffer`` passes one to share between layers).
+
+    Args:
+        config: the model's :class:`MoEConfig` (validated against the EP layout here).
+        group: the EP process group; ``None`` = the default group, or no distribution at all.
+        ranks_per_node: the node layout for node-limited routing and the Buffer (default: ``moekit.dist``'s).
+        buffer: any object with moekit's ``dispatch``/``combine`` signature (e.g. ``moekit.ep.naive.NaiveBuffer``).
+        device, dtype: of the parameters; the gate's bias is always fp32.
+
+    State-dict keys are HF's: ``gate.weight``, ``gate.e_score_correction_bias``,
+    ``experts.{i}.{gate,up,down}_proj.weight`` (this rank's i only; :meth:`full_state_dict` gathers all),
+    ``shared_experts.{gate,up,down}_proj.weight``. ``load_state_dict`` takes a full dict on every rank.
+    """
+
+    def __init__(self, config: MoEConfig, group: dist.ProcessGroup | None = None, *,
+                 ranks_per_node: int | None = None, buffer: Any = None, device=None, dtype=None):
+        super().__init__()
+        self.config = config
+        self.group = group
+        self.ep_size, self.ep_rank = mdist.world_size(group), mdist.rank(group)
+        layout = mdist.node_layout(group, ranks_per_node)
+        config.check_ep(self.ep_size, layout.ranks_per_node)
+        self.layout = layout
+        e = config.n_routed_experts
+        self.num_local_experts = e // self.ep_size
+        self.expert_offset = self.ep_rank * self.num_local_experts
+        self.gate = Gate(config, num_nodes=layout.num_nodes, device=device, dtype=dtype)
+        self.experts = RoutedExperts(self.num_local_experts, self.expert_offset, config.hidden_size,
+                                     config.moe_intermediate_size, config.expert_backend, device=device, dtype=dtype)
+        self.shared_experts = (MLP(config.hidden_size, config.n_shared_experts * config.moe_intermediate_size,
+                                   device=device, dtype=dtype) if config.n_shared_experts > 0 else None)
+        self.load = ExpertLoad(e, device=device)
+        self.aux_loss: torch.Tensor | None = None  # detached sequence aux loss of the latest training forward
+        if buffer is None and self.ep_size > 1:
+            from ..ep.buffer import Buffer  # lazy: world size 1 needs no communication code
+
+            buffer = Buffer(group, ranks_per_node=layout.ranks_per_node)
+        self.buffer = buffer
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Fresh weights from torch's default generator; every rank (and every EP size) gets the same model
+        when seeded alike: the routed experts draw from per-expert generators (see ``RoutedExperts``)."""
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+        self.experts.reset_parameters(seed)
+        self.gate.reset_parameters()
+        if self.shared_experts is not None:
+            for lin in (self.shared_experts.gate_proj, self.shared_experts.up_proj, self.shared_experts.down_proj):
+                lin.reset_parameters()
+
+    @property
+    def local_experts(self) -> range:
+        """Global ids of the routed experts on this rank."""
+        return range(self.expert_offset, self.expert_offset + self.num_local_experts)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """hidden_states: ``[..., H]`` (``[B, S, H]`` makes the sequence aux loss per sequence of S tokens;
+        ``[T, H]`` counts as one sequence). Returns the same shape and dtype.
+
+        Host syncs: the Buffer's counts exchange when R > 1; one count of tokens per expert when R = 1.
+        In training with ``seq_aux_loss_alpha > 0`` the aux loss is attached to the output's graph (it
+        trains without being added to the user's loss) and kept detached in ``self.aux_loss``.
+        """
+        steps = self.forward_steps(hidden_states, async_finish=False)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as stop:
+                return stop.value
+
+    def forward_steps(self, hidden_states: torch.Tensor, async_finish: bool = True) -> Iterator:
+        """:meth:`forward` as a generator, for schedules that overlap communication with other work.
+
+        With a Buffer and ``async_finish=True`` it yields the ``EventOverlap`` of the dispatch, then that
+        of the combine, right after launching each; the caller may compute meanwhile and resumes it, and it
+        waits for the event itself. Yields nothing at world size 1 or with ``async_finish=False``.
+        Returns (``StopIteration.value``) the output, identical to ``forward``'s.
+        """
+        shape = hidden_states.shape
+        h = self.config.hidden_size
+        if shape[-1] != h:
+            raise ValueError(f"MoE: hidden_states must end in hidden_size ({h}), got {list(shape)}")
+        x = hidden_states.reshape(-1, h)
+        topk_idx, topk_weights, scores = self.gate(x)  # [T, K], [T, K], [T, E]
+        with torch.no_grad():
+            self.load.record(topk_idx)
+        fp8 = self.config.dispatch_fp8
+        if self.buffer is None:
+            # No wire at world size 1; with dispatch_fp8 the experts still see the FP8 round trip (same model
+            # at any EP size), with a straight-through gradient as over the wire.
+            xe = x + (_fp8_round_trip(x) - x).detach() if fp8 else x
+            y = self.experts(xe, topk_idx, topk_weights)
+        else:
+            kw = dict(async_finish=True) if async_finish else {}
+            d = self.buffer.dispatch(x, topk_idx, topk_weights, self.config.n_routed_experts, fp8=fp8, **kw)
+            if async_finish:
+                yield d.event
+                d.event.wait()
+            recv_x = d.recv_x
+            if fp8 and isinstance(recv_x, (tuple, list)):  # (a buffer without FP8 returns a tensor)
+                from ..ep.fp8 import dequantize_1x128
+
+                recv_x = _FP8DispatchGrad.apply(x, dequantize_1x128(*recv_x).to(x.dtype), self.buffer, d.handle)
+            expert_out = self.experts(recv_x, d.recv_topk_idx, d.recv_topk_weights,
+                                      list(d.num_recv_tokens_per_expert_list))
+            y, event = self.buffer.combine(expert_out, d.handle, **kw)
+            if async_finish:
+                yield event
+                event.wait()
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        alpha = self.config.seq_aux_loss_alpha
+        if self.training and alpha > 0 and torch.is_grad_enabled():
+            seq_len = shape[-2] if len(shape) == 3 else None
+            aux = sequence_aux_loss(scores, topk_idx, alpha, seq_len, norm=self.config.scoring_func == "sigmoid")
+            self.aux_loss = aux.detach()
+            y = attach_aux_loss(y, aux)
+        return y.view(shape)
+
+    @torch.no_grad()
+    def update_bias(self) -> BiasUpdate:
+        """Apply the aux-loss-free bias update from the loads since the previous one (collective over
+        ``group``). For a whole model, :func:`update_moe_biases` does all layers in one all-reduce."""
+        return update_bias([self.gate.e_score_correction_bias], [self.load.take_pending()],
+                           self.config.bias_update_speed, self.group)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The HF-named state dict with *all* routed experts, on every rank (collective over ``group``:
+        an all-gather of the stacked expert weights). Tensors are detached; experts come back on this
+        rank's device."""
+        gathered = {}
+        for name in RoutedExperts._PROJ:
+            local = getattr(self.experts, name).detach().contiguous()
+            if self.ep_size > 1:
+                parts = [torch.empty_like(local) for _ in range(self.ep_size)]
+                dist.all_gather(parts, local, group=self.group)
+                gathered[name] = torch.cat(parts)
+            else:
+                gathered[name] = local
+        experts = {f"experts.{i}.{name}.weight": gathered[name][i]
+                   for i in range(self.config.n_routed_experts) for name in RoutedExperts._PROJ}
+        sd: dict[str, torch.Tensor] = {}
+        for key, value in self.state_dict().items():  # module order, all experts where this rank's were
+            if not key.startswith("experts."):
+                sd[key] = value
+            elif not experts.keys() <= sd.keys():
+                sd.update(experts)
+        return sd
+
+    def extra_repr(self) -> str:
+        r = self.local_experts
+        return f"ep={self.ep_rank}/{self.ep_size}, local_experts=[{r.start}, {r.stop})"
+
+
+def _fp8_round_trip(x: torch.Tensor) -> torch.Tensor:
+    """What an FP8 dispatch delivers: ``x`` quantized per 1x128 tile (power-of-two scales) and back."""
+    from ..ep.fp8 import dequantize_1x128, quantize_1x128
+
+    return dequantize_1x128(*quantize_1x128(x.detach())).to(x.dtype)
+
+
+class _FP8DispatchGrad(torch.autograd.Function):
+    """Identity on the dequantized received rows; backward sends their gradient home with a combine (in
+    the activations' dtype), i.e. the FP8 quantization is straight-through, as DeepSeek-V3's FP8 dispatch
+    with a BF16 backward. The Buffer does not differentiate an FP8 dispatch through ``x`` itself."""
+
+    @staticmethod
+    def forward(ctx, x, recv_x, buffer, handle):
+        ctx.buffer, ctx.handle = buffer, handle
+        return recv_x.view_as(recv_x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.buffer.combine(grad.contiguous(), ctx.handle)[0], None, None, None
+
+
+def moe_layers(model: nn.Module) -> list[MoE]:
+    """The :class:`MoE` modules of ``model``, in module order."""
+    return [m for m in model.modules() if isinstance(m, MoE)]
+
+
+@torch.no_grad()
+def update_moe_biases(model: nn.Module) -> BiasUpdate:
+    """Aux-loss-free bias update of every MoE layer of ``model``, one all-reduce for all of them.
+
+    Call it after each optimizer step, on every rank. All layers must share one EP group and gamma.
+    Returns the global ``[layers, E]`` load of the period and its max/mean per layer.
+    """
+    layers = moe_layers(model)
+    if not layers:
+        return BiasUpdate(torch.zeros(0, 0, dtype=torch.int64), [])
+    groups = {id(m.group) for m in layers}
+    gammas = {m.config.bias_update_speed for m in layers}
+    if len(groups) != 1 or len(gammas) != 1:
+        raise ValueError(f"update_moe_biases: layers use {len(groups)} EP groups and gammas {sorted(gammas)}; "
+                         f"call MoE.update_bias per layer instead")
+    return update_bias([m.gate.e_score_correction_bias for m in layers], [m.load.take_pending() for m in layers],
+                       layers[0].config.bias_update_speed, layers[0].group)
+
+
+def is_expert_param(p: torch.Tensor) -> bool:
+    """True for the sharded routed-expert parameters (``RoutedExperts``), False for replicated ones."""
+    return bool(getattr(p, "moekit_expert", False))
+
+
+@torch.no_grad()
+def sync_grads(params: Iterable[torch.Tensor] | nn.Module, group: dist.ProcessGroup | None = None,
+               average: bool = False) -> None:
+    """Turn each rank's gradients into the gradients of the global loss, with EP over data-parallel ranks.
+
+    The replicated parameters (gate, shared experts, attention, ...) only saw this rank's tokens: their
+    gradients are summed over ``group`` (one flat all-reduce). The routed experts' gradients already
+    cover every rank's tokens (through combine/dispatch) and are not communicated. With ``average=True``
+    the global loss is the *mean* of the ranks' losses (as DDP assumes): replicated gradients are
+    averaged and expert gradients divided by the group size. Collective over ``group``; no-op at size 1.
+    """
+    if isinstance(params, nn.Module):
+        params = params.parameters()
+    params = [p for p in params if p.grad is not None]
+    world = mdist.world_size(group)
+    if world == 1:
+        return
+    grads = [p.grad for p in params if not is_expert_param(p)]
+    if grads:
+        flat = torch.cat([g.reshape(-1).float() for g in grads])
+        dist.all_reduce(flat, group=group)
+        if average:
+            flat /= world
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+    if average:
+        for p in params:
+            if is_expert_param(p):
+                p.grad.div_(world)
