@@ -13,16 +13,14 @@ forward all-to-all of the output gradients, with the counts its handle holds.
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
 import time
 
 import torch
 import torch.distributed as dist
 from rich.console import Console
-from rich.table import Table
 
-from moekit import MoEConfig
+from moekit import MoEConfig, benchtools
+from moekit.benchtools import calc_diff
 from moekit.ep.naive import NaiveBuffer
 from moekit.ep.stats import Traffic
 from moekit.moe import MoE, sync_grads
@@ -89,12 +87,6 @@ class DifferentiableNaive:
 NAMES = ("naive", "moekit", "moekit-fp8")
 
 
-def _calc_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    """DeepGEMM's accuracy measure ``1 - 2*sum(a*b)/sum(a*a+b*b)`` in float64."""
-    a, b = a.double(), b.double()
-    return float(1 - 2 * (a * b).sum() / (a * a + b * b).sum())
-
-
 def _rank(rank: int, world: int, opts: dict) -> dict:
     cfg = MoEConfig(hidden_size=opts["hidden"], moe_intermediate_size=opts["inter"], n_routed_experts=opts["experts"],
                     n_shared_experts=1, num_experts_per_tok=opts["topk"], n_group=8, topk_group=4,
@@ -133,7 +125,7 @@ def _rank(rank: int, world: int, opts: dict) -> dict:
     out["max_diff"] = max(float((out["naive"]["y"] - out["moekit"]["y"]).abs().max()),
                           float((out["naive"]["gx"] - out["moekit"]["gx"]).abs().max()))
     y, gx = out["moekit-fp8"]["y"], out["moekit-fp8"]["gx"]
-    out["fp8_diff"] = max(_calc_diff(y, out["moekit"]["y"]), _calc_diff(gx, out["moekit"]["gx"]))
+    out["fp8_diff"] = max(calc_diff(y, out["moekit"]["y"]), calc_diff(gx, out["moekit"]["gx"]))
     for name in layers:
         del out[name]["y"], out[name]["gx"]
     return out
@@ -158,18 +150,16 @@ def main() -> None:
         t = res[0][name]["time"]
         rows[name] = dict(tps=tokens / t, ms=t * 1e3, bytes=sum(r[name]["bytes"] for r in res),
                           cpu=sum(r[name]["cpu"] for r in res))
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
-    table = Table(title=f"MoE layer forward+backward, EP={opts['world']} gloo ranks, T={opts['tokens']}/rank, "
-                        f"H={opts['hidden']}, I={opts['inter']}, E={opts['experts']}, top-{opts['topk']} "
-                        f"(CPU {platform.machine()}, torch {torch.__version__}, {date})")
-    for col in ("dispatcher", "step ms", "tokens/s", "ratio", "CPU s/step", "CPU ratio", "bytes/step", "bytes ratio"):
-        table.add_column(col, justify="right")
+    table = benchtools.table(
+        f"MoE layer forward+backward, EP={opts['world']} gloo ranks, T={opts['tokens']}/rank, H={opts['hidden']}, "
+        f"I={opts['inter']}, E={opts['experts']}, top-{opts['topk']} ({benchtools.device_tag()})",
+        ["dispatcher", "step ms", "tokens/s", "ratio", "CPU s/step", "CPU ratio", "bytes/step", "bytes ratio"])
     base = rows["naive"]
     for name, label in (("naive", "naive"), ("moekit", "moekit"), ("moekit-fp8", "moekit, FP8 dispatch")):
         r = rows[name]
-        table.add_row(label, f"{r['ms']:.1f}", f"{r['tps']:,.0f}", f"{r['tps'] / base['tps']:.2f}x",
-                      f"{r['cpu']:.3f}", f"{r['cpu'] / base['cpu']:.2f}x",
-                      f"{r['bytes'] / 2**20:.2f} MiB", f"{r['bytes'] / base['bytes']:.2f}x")
+        table.add_row(label, f"{r['ms']:.1f}", f"{r['tps']:,.0f}", benchtools.ratio(r['tps'], base['tps']),
+                      f"{r['cpu']:.3f}", benchtools.ratio(r['cpu'], base['cpu']),
+                      f"{r['bytes'] / 2**20:.2f} MiB", benchtools.ratio(r['bytes'], base['bytes']))
     con = Console()
     con.print(table)
     diff = max(r["max_diff"] for r in res)
