@@ -98,23 +98,24 @@ class NodeGroups:
     inter: ProcessGroup | None
 
 
-def new_node_groups(group: ProcessGroup | None, layout: NodeLayout) -> NodeGroups:
+def new_node_groups(group: ProcessGroup | None, layout: NodeLayout, pg_options=None) -> NodeGroups:
     """Create the intra-node and inter-node sub-groups. Collective: every rank of the *world* calls it.
 
     ``dist.new_group`` must be entered by all ranks in the same order, so every rank creates every
-    sub-group and keeps the two it belongs to.
+    sub-group and keeps the two it belongs to. ``pg_options`` goes to ``dist.new_group`` (e.g. NCCL
+    options that cap the CTAs a communicator uses; see ``moekit.ep.transport.nccl``).
     """
     members = global_ranks(group)
     me = rank(group)
     intra = inter = None
     for node in range(layout.num_nodes):
         ranks = [members[r] for r in layout.ranks_of_node(node)]
-        g = dist.new_group(ranks) if len(ranks) > 1 else None
+        g = dist.new_group(ranks, pg_options=pg_options) if len(ranks) > 1 else None
         if node == layout.node_of(me):
             intra = g
     for local in range(layout.ranks_per_node):
         ranks = [members[r] for r in layout.ranks_with_local(local)]
-        g = dist.new_group(ranks) if len(ranks) > 1 else None
+        g = dist.new_group(ranks, pg_options=pg_options) if len(ranks) > 1 else None
         if local == layout.local_of(me):
             inter = g
     return NodeGroups(layout, intra, inter)

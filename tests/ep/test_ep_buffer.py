@@ -40,6 +40,9 @@ def _flat_rank(rank, world):
     check_fp8(buf, Case([10] * world, 256, 3, 2 * world, "masked", seed=12), rank, world)
     check_handle_reuse(buf, Case([8] * world, 16, 2, 2 * world, "masked", seed=13), rank, world)
     check_async_overlap(buf, Case([8] * world, 16, 2, 2 * world, "random", seed=14), rank, world)
+    # num_sms on gloo: recorded only, the Buffer talks over the caller's group.
+    pinned = Buffer(num_sms=8, hierarchical=False)
+    assert pinned.num_sms == 8 and pinned._pg_options is None and pinned._engine.comm.group is None
     total = buf.stats.total
     return out, total.self_bytes + total.intra_node_bytes + total.inter_node_bytes
 

@@ -36,3 +36,16 @@ def test_gpu_single_rank_paths():
     comb = buf.low_latency_combine(ll.recv_x, idx, w.detach(), ll.handle)
     want = (x.detach().float().unsqueeze(1) * torch.where(idx >= 0, w.detach(), 0).unsqueeze(2)).sum(1)
     torch.testing.assert_close(comb.combined_x.float(), want, rtol=2e-2, atol=2e-2)
+
+
+def test_nccl_options_of_this_torch():
+    # The real ProcessGroupNCCL.Options (CUDA builds): num_sms becomes config.max_ctas.
+    from moekit.ep.transport import nccl
+
+    if nccl.nccl_options_class() is None:
+        pytest.skip("this torch has no NCCL backend")
+    opts = nccl.cta_limited_options(16)
+    if opts is None:
+        pytest.skip("this torch's NCCL options have no config.max_ctas (NCCL < 2.17)")
+    assert opts.config.max_ctas == 16
+    assert nccl.buffer_pg_options("gloo", 16) is None

@@ -24,13 +24,13 @@ from . import checks
 from . import handle as hmod
 from .autograd import CombineFn, DispatchFn
 from .engine import Engine
-from .errors import OK, Code, InputError, Status, dtype_code, first_failure, raise_status
+from .errors import OK, Code, InputError, Status, dtype_code, first_failure, meta_mismatch, raise_status
 from .event import EventOverlap
 from .fp8 import FP8_DTYPE, num_scale_cols, quantize_1x128
 from .handle import DispatchHandle
 from .layout import DispatchLayout, get_dispatch_layout, token_ranks, tokens_per_expert
 from .stats import TrafficStats
-from .transport import Comm
+from .transport import Comm, nccl
 from .wire import Chunks, RowFormat
 
 
@@ -63,34 +63,49 @@ class Buffer:
         group: the expert-parallel process group; ``None`` = the default (world) group. Without
             ``torch.distributed`` initialised the buffer works alone (R = 1) with no communication.
         ranks_per_node: G, ranks per node (consecutive group ranks); default ``LOCAL_WORLD_SIZE`` or R.
-        num_sms: recorded for API compatibility with DeepEP; the collective transport does not pin SMs.
+        num_sms: DeepEP's SM budget of the communication. Given explicitly on an NCCL group (and a torch
+            whose ``ProcessGroupNCCL.Options`` has ``config.max_ctas``), the Buffer creates its own
+            communicators with ``max_ctas = num_sms`` (collective over the world); otherwise recorded only.
         hierarchical: ``None`` = two-stage when there are several nodes of several ranks; ``False``
             forces the flat path, ``True`` the two-stage path.
 
     Construction is collective when the two-stage path is used (it creates the node sub-groups with
-    ``moekit.dist.new_node_groups``: every rank of the world must construct the Buffer).
+    ``moekit.dist.new_node_groups``) or when ``num_sms`` limits NCCL's CTAs: every rank of the world must
+    construct the Buffer then.
     """
 
     num_sms: int = 20
 
     def __init__(self, group=None, *, ranks_per_node: int | None = None, num_sms: int | None = None,
                  hierarchical: bool | None = None):
+        if num_sms is not None and (isinstance(num_sms, bool) or not isinstance(num_sms, int) or num_sms < 1):
+            raise ValueError(f"num_sms must be a positive int or None, got {num_sms!r}")
         self.group = group
         self.num_ranks = mdist.world_size(group)
         self.rank = mdist.rank(group)
         self.layout = mdist.node_layout(group, ranks_per_node)
         if num_sms is not None:
-            self.num_sms = int(num_sms)
+            self.num_sms = num_sms
         auto = self.layout.num_nodes > 1 and self.layout.ranks_per_node > 1
         self.hierarchical = (auto if hierarchical is None else bool(hierarchical)) and self.num_ranks > 1
-        self._node_groups = mdist.new_node_groups(group, self.layout) if self.hierarchical else None
-        self._engine = Engine(Comm(group, self.num_ranks, self.rank), self.layout, self._node_groups)
+        backend = nccl.backend_of(group)
+        # An explicit num_sms on NCCL: the Buffer's own communicators, limited to num_sms CTAs.
+        self._pg_options = nccl.buffer_pg_options(backend, num_sms) if self.num_ranks > 1 else None
+        comm_group = group
+        if self._pg_options is not None:
+            # Collective over the world (dist.new_group), like the node sub-groups below.
+            comm_group = dist.new_group(mdist.global_ranks(group), backend="nccl", pg_options=self._pg_options)
+        self._node_groups = mdist.new_node_groups(group, self.layout, self._pg_options) if self.hierarchical else None
+        self._engine = Engine(Comm(comm_group, self.num_ranks, self.rank), self.layout, self._node_groups)
         self._key = (tuple(mdist.global_ranks(group)), self.layout.ranks_per_node, self.hierarchical)
         self.stats = TrafficStats()
         self._comm_stream = None
-        backend = dist.get_backend(group) if dist.is_available() and dist.is_initialized() else "gloo"
         self._msg_device = torch.device("cpu") if backend == "gloo" else torch.device("cuda",
                                                                                      torch.cuda.current_device())
+        # Low-latency mode: on a host-check backend the sizes and statuses are exchanged before the block
+        # (the host reads everything anyway); on a device backend they travel in the block's header.
+        self._ll_host_checks = self._msg_device.type == "cpu"
+        self._ll_sizes = None  # sizes of the last valid low-latency dispatch (device backends, see low_latency.py)
 
     @classmethod
     def set_num_sms(cls, num_sms: int) -> None:
@@ -121,12 +136,15 @@ class Buffer:
             fp8: quantize a float x per 1x128 tile (power-of-two scales) before sending; H % 128 == 0.
             expert_alignment: each entry of ``num_recv_tokens_per_expert_list`` is rounded up to it.
             async_finish: return at once; ``event.wait()`` / ``event.current_stream_wait()`` completes it.
-            handle: from an earlier dispatch with the same routing: skips the counts exchange.
+            handle: from an earlier dispatch with the same routing: skips the counts exchange. The rows keep
+                that dispatch's format, agreed by all ranks: FP8 or not must match it; a float x of another
+                dtype travels in the handle's dtype and is received in this rank's x dtype; a rank that
+                passes no ``topk_idx`` sends the handle's routing again (``recv_topk_idx`` is then None).
 
         Returns :class:`DispatchOutput`. Received rows are ordered by source rank, then token index.
         ``recv_x`` is an FP8 pair when x is one or ``fp8=True``. Host sync: the counts exchange (none
         with a handle unless ``topk_idx`` is given, which is checked against the handle).
-        Differentiable in ``x`` (float x, no fp8) and ``topk_weights``.
+        Differentiable in ``x`` (float x, no fp8) and ``topk_weights``; the backward is collective.
         """
         if handle is not None:
             return self._cached_dispatch(x, topk_idx, topk_weights, num_experts, fp8, async_finish, handle)
@@ -137,13 +155,15 @@ class Buffer:
         except InputError as err:
             status = err.status(self.rank)
         wire_fp8 = bool(info is not None and (info.is_pair or fp8))
+        weights = topk_weights is not None
         msg_dev = self._msg_device
         if status.ok:
             in_rank = token_ranks(topk_idx, e, r)  # [T, R]
             per_expert = tokens_per_expert(topk_idx, e)  # [E]
             msg = hmod.counts_message(in_rank, lay, per_expert).to(msg_dev)
-            wire_dtype = FP8_DTYPE if wire_fp8 else info.data.dtype
-            meta = [info.hidden, dtype_code(wire_dtype), e, k, int(wire_fp8), int(topk_weights is not None)]
+            # The dtype of combine and of later float exchanges on the handle: x's, bf16 for an FP8 pair.
+            x_dtype = torch.bfloat16 if info.is_pair else info.data.dtype
+            meta = [info.hidden, dtype_code(x_dtype), e, k, int(wire_fp8), int(weights)]
         else:
             msg = torch.zeros(r, hmod.msg_width(lay.ranks_per_node), dtype=torch.int64, device=msg_dev)
             meta = [0] * 6
@@ -151,7 +171,7 @@ class Buffer:
         msg[:, hmod.MSG_META] = torch.tensor(meta, dtype=torch.int64)
         recv_msg = self._engine.comm.exchange_fixed(msg).tolist()  # host sync: counts are needed on the host
         raise_status("dispatch", first_failure(row[hmod.MSG_STATUS] for row in recv_msg), r)
-        raise_status("dispatch", self._meta_mismatch(recv_msg), r)
+        raise_status("dispatch", meta_mismatch(row[hmod.MSG_META] for row in recv_msg), r)
 
         epr = e // r
         if hmod.experts_in_message(e, r):
@@ -165,23 +185,14 @@ class Buffer:
         send_counts, send_token = hmod.flat_send_plan(in_rank)
         recv_counts = Chunks(row[hmod.MSG_ROWS] for row in recv_msg)
         hier = hmod.hier_plan(in_rank, recv_msg, lay, self.rank) if self.hierarchical else None
-        fmt = self._dispatch_format(info.data.dtype if not wire_fp8 else FP8_DTYPE, info.hidden, wire_fp8, k,
-                                    topk_weights is not None)
+        fmt = self._dispatch_format(FP8_DTYPE if wire_fp8 else x_dtype, info.hidden, wire_fp8, k, weights)
         h = DispatchHandle(
             key=self._key, rank=self.rank, layout=lay, num_experts=e, num_tokens=info.num_tokens,
-            hidden=info.hidden, x_dtype=torch.bfloat16 if info.is_pair else info.data.dtype,
-            is_token_in_rank=in_rank, num_recv_tokens=sum(recv_counts),
+            hidden=info.hidden, x_dtype=x_dtype, is_token_in_rank=in_rank, num_recv_tokens=sum(recv_counts),
             num_recv_tokens_per_expert_list=per_expert_list, send_counts=send_counts, recv_counts=recv_counts,
-            send_token=send_token, dispatch_format=fmt, hier=hier)
-        return self._dispatch_data(h, fmt, x, info, fp8, topk_idx, topk_weights, OK, async_finish)
-
-    def _meta_mismatch(self, recv_msg: list[list[int]]) -> Status:
-        ref = recv_msg[0][hmod.MSG_META]
-        for s, row in enumerate(recv_msg):
-            for i, (a, b) in enumerate(zip(ref, row[hmod.MSG_META])):
-                if a != b:
-                    return Status(int(Code.MISMATCH), s, i, a, b)
-        return OK
+            send_token=send_token, dispatch_format=fmt, hier=hier, topk_idx=topk_idx.to(torch.int32),
+            topk_weights=topk_weights.detach().clone() if weights else None)
+        return self._dispatch_data(h, info, fp8, topk_idx, topk_weights, async_finish)
 
     @staticmethod
     def _dispatch_format(dtype: torch.dtype, hidden: int, fp8: bool, k: int, weights: bool) -> RowFormat:
@@ -208,29 +219,37 @@ class Buffer:
 
     def _cached_dispatch(self, x, topk_idx, topk_weights, num_experts, fp8, async_finish, h: DispatchHandle):
         self._check_handle(h)
-        status, info, k = OK, None, 0
+        status, info = OK, None
         try:
+            # Everything that sizes the rows must match the handle: the peers size theirs from it.
             info = checks.check_x(x)
             if info.num_tokens != h.num_tokens:
                 raise InputError(Code.HANDLE_TOKENS, h.num_tokens, info.num_tokens)
+            if info.hidden != h.hidden:
+                raise InputError(Code.HANDLE_HIDDEN, h.hidden, info.hidden)
+            if (info.is_pair or bool(fp8)) != h.fp8:
+                raise InputError(Code.HANDLE_FP8, int(h.fp8))
+            if fp8 and not info.is_pair and info.hidden % 128 != 0:
+                raise InputError(Code.FP8_HIDDEN, info.hidden)
             if topk_idx is not None:
                 k = checks.check_routing(topk_idx, topk_weights, info.num_tokens, info.data.device)
+                if k != h.topk_idx.shape[1]:
+                    raise InputError(Code.HANDLE_TOPK, h.topk_idx.shape[1], k)
                 if num_experts is not None and num_experts != h.num_experts:
                     raise InputError(Code.HANDLE_EXPERTS, h.num_experts,
                                      num_experts if isinstance(num_experts, int) else -1)
                 checks.check_expert_range(topk_idx, h.num_experts)
                 if not torch.equal(token_ranks(topk_idx, h.num_experts, self.num_ranks), h.is_token_in_rank):
                     raise InputError(Code.HANDLE_ROUTING)
+                if topk_weights is not None and not h.has_weights:
+                    raise InputError(Code.HANDLE_WEIGHTS)
             elif topk_weights is not None:
                 raise InputError(Code.IDX_MISSING)
-            if fp8 and not info.is_pair and info.hidden % 128 != 0:
-                raise InputError(Code.FP8_HIDDEN, info.hidden)
         except InputError as err:
             status = err.status(self.rank)
         if not status.ok:
-            # Take part with rows of the format the peers most likely send (same call, valid arguments),
-            # sized by the handle, then raise with them.
-            fmt = self._guess_format(h, x, fp8, topk_idx is not None, topk_weights is not None)
+            # Take part with zero rows of the handle's format (what every peer sends), then raise with them.
+            fmt = h.dispatch_format
             fields = {f.name: torch.zeros(h.num_tokens, f.width, dtype=f.dtype, device=h.send_token.device)
                       for f in fmt.fields}
             works, finish, check, traffic = self._engine.forward("dispatch", h, fmt, fields, status,
@@ -238,50 +257,41 @@ class Buffer:
             self.stats.record(traffic)
             check()
             raise AssertionError("unreachable: the local status is a failure")
-        wire_fp8 = info.is_pair or fp8
-        fmt = self._dispatch_format(FP8_DTYPE if wire_fp8 else info.data.dtype, info.hidden, wire_fp8, k,
-                                    topk_weights is not None)
-        return self._dispatch_data(h, fmt, x, info, fp8, topk_idx, topk_weights, OK, async_finish)
+        return self._dispatch_data(h, info, fp8, topk_idx, topk_weights, async_finish)
 
-    def _guess_format(self, h: DispatchHandle, x, fp8: bool, with_idx: bool, with_w: bool) -> RowFormat:
-        fields = {f.name: f for f in h.dispatch_format.fields}
-        if isinstance(x, (tuple, list)) or fp8:
-            dtype, wire_fp8 = FP8_DTYPE, True
-        elif isinstance(x, torch.Tensor) and x.dtype in checks.FLOAT_DTYPES:
-            dtype, wire_fp8 = x.dtype, False
-        else:
-            dtype, wire_fp8 = fields["x"].dtype, "scales" in fields
-        k = fields["idx"].width if with_idx else 0
-        return self._dispatch_format(dtype, h.hidden, wire_fp8, k, with_w and with_idx)
-
-    def _dispatch_data(self, h: DispatchHandle, fmt: RowFormat, x, info: checks.XInfo, fp8: bool,
-                       topk_idx, topk_weights, status: Status, async_finish: bool) -> DispatchOutput:
+    def _dispatch_data(self, h: DispatchHandle, info: checks.XInfo, fp8: bool, topk_idx, topk_weights,
+                       async_finish: bool) -> DispatchOutput:
+        fmt = h.dispatch_format  # agreed by every rank: the same row size everywhere
         device, m, hidden = info.data.device, h.num_recv_tokens, info.hidden
-        wire_fp8 = info.is_pair or fp8
-        names = {f.name for f in fmt.fields}
+        wire_fp8 = h.fp8
         fields = {}
         if wire_fp8:
             data, scales = (info.data, info.scales) if info.is_pair else quantize_1x128(info.data.detach())
             fields["x"], fields["scales"] = data, scales
         else:
-            fields["x"] = info.data.detach()
-        if "idx" in names:
-            fields["idx"] = topk_idx.to(torch.int32)
-        if "w" in names:
-            fields["w"] = topk_weights.detach()
-        recv_x = torch.empty(m, hidden, dtype=fields["x"].dtype, device=device)
+            fields["x"] = info.data.detach().to(h.x_dtype)  # another float dtype travels in the handle's
+        fields["idx"] = h.topk_idx if topk_idx is None else topk_idx.to(torch.int32)
+        if h.has_weights:
+            fields["w"] = h.topk_weights if topk_weights is None else topk_weights.detach()
+        out_dtype = FP8_DTYPE if wire_fp8 else info.data.dtype
+        recv_x = torch.empty(m, hidden, dtype=out_dtype, device=device)
         recv_scales = torch.empty(m, num_scale_cols(hidden), dtype=torch.float32, device=device) if wire_fp8 else None
-        k = topk_idx.shape[1] if topk_idx is not None else 0
-        recv_idx = torch.empty(m, k, dtype=torch.int64, device=device) if k else None
-        recv_w = torch.empty(m, k, dtype=torch.float32, device=device) if "w" in names else None
+        k = fields["idx"].shape[1]
+        recv_idx = torch.empty(m, k, dtype=torch.int64, device=device) if topk_idx is not None else None
+        recv_w = torch.empty(m, k, dtype=torch.float32, device=device) if topk_weights is not None else None
         epr = h.num_experts // h.num_ranks
         lo = self.rank * epr
 
-        direct = {"x": recv_x} if recv_scales is None else {"x": recv_x, "scales": recv_scales}
+        direct = {}  # fields unpacked straight into the returned tensors
+        if out_dtype == fmt.fields[0].dtype:
+            direct["x"] = recv_x
+        if recv_scales is not None:
+            direct["scales"] = recv_scales
 
         @torch.no_grad()
         def post(got: dict[str, torch.Tensor]) -> None:
-            # x and scales were unpacked straight into recv_x / recv_scales (``direct``).
+            if "x" not in direct:
+                recv_x.copy_(got["x"])
             if recv_idx is not None:
                 local = got["idx"].long() - lo
                 mine = (got["idx"] >= 0) & (local >= 0) & (local < epr)
@@ -294,7 +304,7 @@ class Buffer:
 
         def run():
             event_box.append(self._launch(
-                lambda cpu_async: self._engine.forward("dispatch", h, fmt, fields, status, post, cpu_async, stage2,
+                lambda cpu_async: self._engine.forward("dispatch", h, fmt, fields, OK, post, cpu_async, stage2,
                                                       out=direct),
                 async_finish, device, [t for t in fields.values()]))
             return recv_x, (recv_idx if recv_idx is not None else torch.empty(0, dtype=torch.int64)), \
@@ -320,10 +330,12 @@ class Buffer:
             handle: the dispatch's handle.
             async_finish: return at once; ``event.wait()`` completes it.
 
-        Returns ``CombineOutput(combined_x [T, H] in x's dtype, event)``; sums in float32. The two-stage
-        path sums a node's rows at the forwarder first and sends that partial sum in x's dtype (as
-        DeepSeek-V3). No host sync on a GPU except the status check in ``event.wait()`` (sync mode: at
-        return). Differentiable: backward is a dispatch of the gradient.
+        Returns ``CombineOutput(combined_x [T, H] in x's dtype, event)``; sums in float32. Rows travel in
+        the handle's dtype (the dispatched x's dtype, bf16 after an FP8 pair; agreed by all ranks): an x
+        of another float dtype is converted to it before sending. The two-stage path sums a node's rows at
+        the forwarder first and sends that partial sum in the handle's dtype (as DeepSeek-V3). No host
+        sync on a GPU except the status check in ``event.wait()`` (sync mode: at return).
+        Differentiable: backward is a dispatch of the gradient (collective).
         """
         self._check_handle(handle)
         status = OK
@@ -331,13 +343,13 @@ class Buffer:
             checks.check_combine_x(x, handle.num_recv_tokens, handle.hidden)
         except InputError as err:
             status = err.status(self.rank)
-            dtype = x.dtype if isinstance(x, torch.Tensor) and x.dtype in checks.FLOAT_DTYPES else handle.x_dtype
-            x = torch.zeros(handle.num_recv_tokens, handle.hidden, dtype=dtype, device=handle.send_token.device)
+            x = torch.zeros(handle.num_recv_tokens, handle.hidden, dtype=handle.x_dtype,
+                            device=handle.send_token.device)
         return self._combine(x, handle, status, async_finish)
 
     def _combine(self, x: torch.Tensor, h: DispatchHandle, status: Status, async_finish: bool) -> CombineOutput:
-        fmt = RowFormat([("x", x.dtype, x.shape[1])])
-        out = torch.empty(h.num_tokens, x.shape[1], dtype=x.dtype, device=x.device)
+        fmt = RowFormat([("x", h.x_dtype, h.hidden)])  # the handle's dtype: the same row size on every rank
+        out = torch.empty(h.num_tokens, h.hidden, dtype=x.dtype, device=x.device)
 
         @torch.no_grad()
         def post(got):
@@ -346,10 +358,10 @@ class Buffer:
         event_box = []
 
         def run():
-            fields = {"x": x.detach()}
+            fields = {"x": x.detach().to(h.x_dtype)}
             event_box.append(self._launch(
                 lambda cpu_async: self._engine.reverse("combine", h, fmt, fields, status, post, cpu_async),
-                async_finish, x.device, [x]))
+                async_finish, x.device, [fields["x"]]))  # (the converted copy, when there is one, is what travels)
             return out
 
         if torch.is_grad_enabled() and x.requires_grad:
@@ -366,15 +378,19 @@ class Buffer:
 
         Args:
             x: ``[T, H]`` bf16/fp16/fp32 with T <= ``num_max_dispatch_tokens_per_rank`` (= C).
-            topk_idx: ``[T, K]`` int64, ``-1`` = none (values are not range-checked: that needs a host sync).
+            topk_idx: ``[T, K]`` int64 in ``[-1, E)``, ``-1`` = none.
+            num_max_dispatch_tokens_per_rank, num_experts, H, x's dtype and ``use_fp8`` size the exchange:
+                they must be the same on every rank.
             use_fp8: send e4m3 with 1x128 power-of-two scales (H % 128 == 0).
             async_finish / return_recv_hook: return at once; ``event.wait()`` or ``hook()`` completes.
 
         Returns ``LowLatencyDispatchOutput(recv_x [L, R*C, H] (or the FP8 pair, scales [L, R*C, H/128]),
         recv_count [L] int64 on the device, handle, event, hook)``: the rows of local expert e are
         packed at the front of ``recv_x[e]`` ordered by source rank then token; the rest is zero.
-        Not differentiable; argument errors raise on the rank that made them (no status exchange).
-        Traffic: every rank sends every rank ``L * C`` rows, used or not.
+        Not differentiable. Bad input on one rank raises the same error on every rank (docs/ep.md): on
+        gloo before anything is sent (a host check), on a GPU from the status words of the block, read
+        on the host when the call completes (``hook()`` / ``event.wait()``, or at return without them:
+        the only host sync). Traffic: every rank sends every rank ``L * C`` rows, used or not.
         """
         from .low_latency import low_latency_dispatch
         return low_latency_dispatch(self, x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
@@ -385,11 +401,13 @@ class Buffer:
         """Weighted combine of the low-latency layout (collective, no host sync).
 
         Args:
-            x: ``[L, R*C, H]`` bf16/fp16/fp32 expert outputs in ``low_latency_dispatch``'s packed layout.
-            topk_idx, topk_weights: the ``[T, K]`` routing of the dispatch (weights fp32).
+            x: ``[L, R*C, H]`` bf16/fp16/fp32 expert outputs in ``low_latency_dispatch``'s packed layout;
+                rows travel in the dispatched x's dtype (another float dtype is converted).
+            topk_idx, topk_weights: the ``[T, K]`` routing of the dispatch (int64, float32).
 
         Returns ``LowLatencyCombineOutput(combined_x [T, H] = Σ_k topk_weights[t, k] * out[t, k] (fp32
-        accumulation, x's dtype), event, hook)``.
+        accumulation, x's dtype), event, hook)``. Errors as in ``low_latency_dispatch``, always from the
+        block's status rows (its size comes from the handle alone).
         """
         from .low_latency import low_latency_combine
         return low_latency_combine(self, x, topk_idx, topk_weights, handle, async_finish=async_finish,
@@ -397,37 +415,43 @@ class Buffer:
 
     # ---- gradients ------------------------------------------------------------------------------
     def _combine_grads(self, h: DispatchHandle, gx, gw, x_dtype):
-        """Backward of dispatch: combine of ``gx`` [M, H] and ``gw`` [M, K] (either may be None)."""
+        """Backward of dispatch: combine of ``gx`` [M, H] and ``gw`` [M, K] (either may be None).
+
+        The row format comes from the handle alone (x in its dtype unless the dispatch was FP8, w when it had
+        weights), so that ranks whose inputs need different gradients still send rows of one size.
+        """
+        device, m = h.send_token.device, h.num_recv_tokens
         spec, fields = [], {}
-        device = h.send_token.device
-        if gx is None and gw is None:
-            return None, None
-        if gx is not None or gw is None:
-            gx = gx if gx is not None else torch.zeros(h.num_recv_tokens, h.hidden, dtype=x_dtype, device=device)
-            spec.append(("x", gx.dtype, gx.shape[1]))
-            fields["x"] = gx.contiguous()
-        if gw is not None:
-            spec.append(("w", torch.float32, gw.shape[1]))
-            fields["w"] = gw.float()
+        want_x = gx is not None
+        if not h.fp8:  # an FP8 dispatch is not differentiable in x on any rank
+            gx = gx if want_x else torch.zeros(m, h.hidden, dtype=h.x_dtype, device=device)
+            spec.append(("x", h.x_dtype, h.hidden))
+            fields["x"] = gx.to(h.x_dtype).contiguous()
+        if h.has_weights:
+            k = h.topk_idx.shape[1]
+            spec.append(("w", torch.float32, k))
+            fields["w"] = gw.float() if gw is not None else torch.zeros(m, k, dtype=torch.float32, device=device)
+        assert spec, "a dispatch with neither float x nor weights has no gradient"
         got = {}
         works, finish, check, traffic = self._engine.reverse("dispatch (backward)", h, RowFormat(spec), fields,
                                                              OK, got.update, False)
         self.stats.record(traffic)
         check()
         finish()
-        out_x = got["x"].to(x_dtype) if "x" in got and x_dtype is not None else None
-        return out_x, got.get("w")
+        out_x = got["x"].to(x_dtype) if want_x and x_dtype is not None else None
+        return out_x, (got.get("w") if gw is not None else None)
 
     def _dispatch_grads(self, h: DispatchHandle, g: torch.Tensor) -> torch.Tensor:
-        """Backward of combine: dispatch of ``g`` [T, H] along the handle's routes."""
-        fmt = RowFormat([("x", g.dtype, g.shape[1])])
+        """Backward of combine: dispatch of ``g`` [T, H] along the handle's routes, in the handle's dtype."""
+        fmt = RowFormat([("x", h.x_dtype, h.hidden)])
         got = {}
-        works, finish, check, traffic = self._engine.forward("combine (backward)", h, fmt, {"x": g.contiguous()},
+        works, finish, check, traffic = self._engine.forward("combine (backward)", h, fmt,
+                                                             {"x": g.to(h.x_dtype).contiguous()},
                                                              OK, got.update, False)
         self.stats.record(traffic)
         check()
         finish()
-        return got["x"]
+        return got["x"].to(g.dtype)
 
     # ---- launching -----------------------------------------------------------------------------
     def _comm_stream_for(self, device: torch.device):

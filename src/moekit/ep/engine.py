@@ -15,7 +15,7 @@ from ..dist import NodeLayout
 from . import wire
 from .errors import Status, first_failure, raise_status
 from .handle import DispatchHandle
-from .stats import Traffic
+from .stats import Traffic, traffic_by_peer
 from .transport import Comm
 
 Post = Callable[[dict[str, torch.Tensor]], None]
@@ -37,16 +37,7 @@ class Engine:
 
     # ---- traffic -------------------------------------------------------------------------------
     def _flat_traffic(self, counts: list[int], row_bytes: int) -> Traffic:
-        t, me, lay = Traffic(), self.comm.rank, self.layout
-        for r, c in enumerate(counts):
-            b = c * row_bytes
-            if r == me:
-                t.self_bytes += b
-            elif lay.node_of(r) == lay.node_of(me):
-                t.intra_node_bytes += b
-            else:
-                t.inter_node_bytes += b
-        return t
+        return traffic_by_peer([c * row_bytes for c in counts], self.layout, self.comm.rank)
 
     def _hier_traffic(self, inter_counts: list[int], intra_counts: list[int], row_bytes: int) -> Traffic:
         t = Traffic()

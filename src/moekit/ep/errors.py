@@ -43,6 +43,14 @@ class Code(enum.IntEnum):
     MISMATCH = 23
     EMPTY_HIDDEN = 24
     IDX_MISSING = 25
+    HANDLE_HIDDEN = 26
+    HANDLE_FP8 = 27
+    HANDLE_TOPK = 28
+    HANDLE_WEIGHTS = 29
+    LL_CAPACITY = 30
+    LL_COMBINE_X = 31
+    LL_ROUTING = 32
+    LL_HANDLE = 33
 
 
 # Dtypes are sent as their index in this table.
@@ -59,8 +67,8 @@ def dtype_name(code: int) -> str:
 
 
 # Fields compared across ranks by Code.MISMATCH (a = field id, b = value on rank 0, c = value on `rank`).
-MISMATCH_FIELDS = ["hidden size", "x dtype", "num_experts", "num_topk (K)", "fp8 (x is an FP8 pair or fp8=True)",
-                   "topk_weights given"]
+MISMATCH_FIELDS = ["hidden size", "x dtype (bfloat16 for an FP8 pair)", "num_experts", "num_topk (K)",
+                   "fp8 (x is an FP8 pair or fp8=True)", "topk_weights given", "num_max_dispatch_tokens_per_rank"]
 
 
 def _render(code: Code, a: int, b: int, c: int) -> tuple[type[Exception], str]:
@@ -111,7 +119,7 @@ def _render(code: Code, a: int, b: int, c: int) -> tuple[type[Exception], str]:
         return ValueError, f"combine's x must have the dispatched hidden size {b}, got {a}"
     if code == Code.MISMATCH:
         field = MISMATCH_FIELDS[a]
-        if field == "x dtype":
+        if field.startswith("x dtype"):
             b_s, c_s = dtype_name(b), dtype_name(c)
         else:
             b_s, c_s = str(b), str(c)
@@ -120,6 +128,25 @@ def _render(code: Code, a: int, b: int, c: int) -> tuple[type[Exception], str]:
         return ValueError, "x must have a hidden size >= 1"
     if code == Code.IDX_MISSING:
         return ValueError, "topk_idx and topk_weights may be None only with a handle"
+    if code == Code.HANDLE_HIDDEN:
+        return ValueError, f"handle is from another layout: it was made for hidden size {a}, x has {b}"
+    if code == Code.HANDLE_FP8:
+        kind = ("an FP8 dispatch: pass an FP8 pair or fp8=True" if a else
+                "a float dispatch: pass a float x without fp8 (or dispatch anew with fp8=True)")
+        return ValueError, f"handle's rows are fixed by the dispatch that made it, {kind}"
+    if code == Code.HANDLE_TOPK:
+        return ValueError, f"handle is from another layout: it was made for num_topk={a}, topk_idx has {b}"
+    if code == Code.HANDLE_WEIGHTS:
+        return ValueError, "handle was made by a dispatch without topk_weights: it cannot carry topk_weights"
+    if code == Code.LL_CAPACITY:
+        return ValueError, f"num_tokens ({a}) exceeds num_max_dispatch_tokens_per_rank ({b})"
+    if code == Code.LL_COMBINE_X:
+        return ValueError, (f"low_latency_combine's x must be bfloat16, float16 or float32 "
+                            f"[num_local_experts={a}, num_ranks * num_max_dispatch_tokens_per_rank={b}, hidden={c}]")
+    if code == Code.LL_ROUTING:
+        return ValueError, f"topk_idx and topk_weights must be int64 and float32 [{a}, num_topk] (the dispatch's T)"
+    if code == Code.LL_HANDLE:
+        return TypeError, "handle must be the LowLatencyHandle of a low_latency_dispatch of this Buffer"
     raise AssertionError(f"unknown status code {code}")
 
 
@@ -151,6 +178,17 @@ def first_failure(statuses) -> Status:
         if s.code != 0 and (worst.ok or s.rank < worst.rank):
             worst = s
     return worst
+
+
+def meta_mismatch(metas) -> Status:
+    """``Code.MISMATCH`` for the lowest rank whose arguments (ints in ``MISMATCH_FIELDS`` order, one
+    sequence per rank) differ from rank 0's, naming the first differing field; OK when all agree."""
+    metas = [[int(v) for v in m] for m in metas]
+    for s, row in enumerate(metas):
+        for i, (a, b) in enumerate(zip(metas[0], row)):
+            if a != b:
+                return Status(int(Code.MISMATCH), s, i, a, b)
+    return OK
 
 
 def raise_status(op: str, status: Status, world_size: int) -> None:

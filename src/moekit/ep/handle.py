@@ -46,6 +46,10 @@ class DispatchHandle:
     """Opaque to users: pass it to ``combine`` or to a later ``dispatch(..., handle=handle)``.
 
     Host-side counts are python lists; index tensors live on the device of the dispatched ``x``.
+    Everything that sizes a later exchange (T, H, ``x_dtype``, FP8 or not, K, weights given: the
+    ``dispatch_format``) was agreed by all ranks in the dispatch's counts exchange, so calls that reuse
+    the handle (combine, cached dispatch, backward) size their rows identically on every rank whatever
+    the arguments of that call.
     """
 
     key: tuple  # identifies the Buffer's group and node layout
@@ -54,7 +58,7 @@ class DispatchHandle:
     num_experts: int
     num_tokens: int  # T of the dispatched x
     hidden: int
-    x_dtype: torch.dtype  # dtype a combine is expected to use (bf16 after an FP8 dispatch of a pair)
+    x_dtype: torch.dtype  # wire dtype of combine / backward / float cached dispatch (bf16 after a pair dispatch)
     is_token_in_rank: torch.Tensor  # [T, R] bool
     num_recv_tokens: int  # M
     num_recv_tokens_per_expert_list: list[int]  # aligned counts per local expert
@@ -63,10 +67,22 @@ class DispatchHandle:
     send_token: torch.Tensor  # [S] flat: token of each sent row (rank-major, token order)
     dispatch_format: RowFormat
     hier: HierPlan | None = None
+    # The dispatch's routing, sent again by a cached dispatch that passes none (the row size is fixed).
+    topk_idx: torch.Tensor | None = None  # [T, K] int32 global expert ids
+    topk_weights: torch.Tensor | None = None  # [T, K] float32, when the dispatch had weights
 
     @property
     def num_ranks(self) -> int:
         return self.layout.world_size
+
+    @property
+    def fp8(self) -> bool:
+        """Whether the dispatch (and so a cached dispatch) sends FP8 rows."""
+        return any(f.name == "scales" for f in self.dispatch_format.fields)
+
+    @property
+    def has_weights(self) -> bool:
+        return any(f.name == "w" for f in self.dispatch_format.fields)
 
     @property
     def hierarchical(self) -> bool:
@@ -77,7 +93,7 @@ class DispatchHandle:
 MSG_STATUS = slice(0, 5)
 MSG_ROWS = 5  # tokens s -> d
 MSG_NODE_ROWS = 6  # tokens s -> node(d)
-MSG_META = slice(7, 13)  # hidden, dtype code, E, K, fp8 flag, has weights (must agree across ranks)
+MSG_META = slice(7, 13)  # hidden, x dtype code, E, K, fp8 flag, has weights (must agree across ranks)
 MSG_LOCAL = 13  # + l': tokens s -> (node(d), l'), for l' < G
 # Then (token, k) pairs s -> each expert of d, when d holds at most MSG_MAX_EXPERTS experts; beyond
 # that the per-expert counts take an all-reduce instead. The width must not depend on arguments that

@@ -1,15 +1,23 @@
 """Low-latency dispatch/combine: fixed capacity, no host synchronisation, per-expert (masked) layout.
 
 Shape legend: T tokens on this rank (T <= C), C = ``num_max_dispatch_tokens_per_rank``, E experts,
-R ranks, L = E / R local experts, H hidden.
+R ranks, L = E / R local experts, H hidden, K experts per token.
 
-Every rank sends every rank a fixed-size block ``[L, C, row]`` (slot j of expert e = the j-th token of
-the sender that chose e, in token order), so all sizes are known without a counts exchange and the
-whole exchange is two ``all_to_all_single`` calls of fixed size (rows and per-expert counts) that
-never wait for the host: CUDA-graph friendly. A token is sent once per chosen *expert* (like DeepEP's
-low-latency kernels), since the layout is per expert. The receiver packs each expert's rows, ordered
-by source rank then token, at the front of ``recv_x[e]`` (``[L, R * C, H]``); ``recv_count[e]`` says
-how many are valid (the rest is zero).
+Every rank sends every rank one fixed-size block: a few *header* rows (the sender's status word, the
+arguments that size the exchange, and its ``[L]`` per-expert counts for that peer), then ``[L, C]``
+data rows (slot j of expert e = the j-th token of the sender that chose e, in token order). All sizes
+are known without a counts exchange, so a dispatch is ONE ``all_to_all_single`` that never waits for
+the host. A token is sent once per chosen *expert* (like DeepEP's low-latency kernels), since the
+layout is per expert. The receiver packs each expert's rows, ordered by source rank then token, at the
+front of ``recv_x[e]`` (``[L, R * C, H]``); ``recv_count[e]`` says how many are valid (the rest is zero).
+
+Errors (docs/ep.md, "Low-latency mode"): the header's status word makes a bad argument on one rank an
+error on every rank. Arguments that *size* the block (H, C, E, fp8, x's dtype) must agree before the
+block is sent: on a host-check backend (gloo: the host reads everything anyway) a small fixed-size
+exchange of status + sizes precedes the block (it replaces the separate counts exchange of the
+previous design: still two collectives). On a device backend there is no such exchange (it would be a
+host sync): the sizes are trusted, the status words travel in the header and are read on the host when
+the call completes (``hook()`` / ``event.wait()``, or at return without them).
 """
 
 from __future__ import annotations
@@ -19,21 +27,46 @@ from typing import NamedTuple
 
 import torch
 
-from .checks import FLOAT_DTYPES
+from .checks import FLOAT_DTYPES, check_expert_range
+from .errors import OK, STATUS_INTS, Code, InputError, Status, dtype_code, first_failure, meta_mismatch, raise_status
 from .event import EventOverlap
 from .fp8 import FP8_DTYPE, num_scale_cols, quantize_1x128
-from .stats import Traffic
-from .wire import RowFormat
+from .stats import traffic_by_peer
+from .wire import STATUS_BYTES, RowFormat, ints_on
+
+META_INTS = 7  # MISMATCH_FIELDS order: hidden, x dtype, E, (K: unused), fp8, (weights: unused), C
+
+
+class _Sizes(NamedTuple):
+    """What sizes a low-latency dispatch block; must agree on every rank."""
+
+    hidden: int
+    capacity: int  # C
+    num_experts: int
+    fp8: bool
+    x_dtype: torch.dtype  # x's dtype: the wire dtype without FP8, and the dtype of the combine's rows
+
+    def meta(self) -> list[int]:
+        return [self.hidden, dtype_code(self.x_dtype), self.num_experts, 0, int(self.fp8), 0, self.capacity]
+
+    def row_format(self) -> RowFormat:
+        if self.fp8:
+            return RowFormat([("x", FP8_DTYPE, self.hidden), ("scales", torch.float32, num_scale_cols(self.hidden))])
+        return RowFormat([("x", self.x_dtype, self.hidden)])
 
 
 @dataclasses.dataclass(eq=False)
 class LowLatencyHandle:
+    """Opaque to users: what ``low_latency_combine`` needs from its dispatch (slots, received counts, sizes)."""
+
     num_tokens: int
     capacity: int  # C
     num_experts: int
     hidden: int
     slot: torch.Tensor  # [T, E] int64: slot of token t in expert e's block (valid where chosen)
     counts: torch.Tensor  # [R, L] int64 on the receiver: rows from source s for local expert e
+    x_dtype: torch.dtype = torch.bfloat16  # wire dtype of the combine (the dispatched x's dtype)
+    key: tuple = ()  # the Buffer's group and layout
 
 
 class LowLatencyDispatchOutput(NamedTuple):
@@ -50,16 +83,178 @@ class LowLatencyCombineOutput(NamedTuple):
     hook: object
 
 
-def _traffic(buffer, per_peer_bytes: int) -> Traffic:
-    t, lay, me = Traffic(), buffer.layout, buffer.rank
-    for r in range(buffer.num_ranks):
-        if r == me:
-            t.self_bytes += per_peer_bytes
-        elif lay.node_of(r) == lay.node_of(me):
-            t.intra_node_bytes += per_peer_bytes
-        else:
-            t.inter_node_bytes += per_peer_bytes
-    return t
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_dispatch(x, topk_idx, capacity, num_experts, use_fp8: bool, num_ranks: int) -> _Sizes:
+    """Shape/dtype checks (no value checks); raises InputError. Returns the sizes of the block."""
+    if not isinstance(x, torch.Tensor):
+        raise InputError(Code.X_TYPE)
+    if x.dim() != 2:
+        raise InputError(Code.X_NDIM, x.dim())
+    if x.dtype not in FLOAT_DTYPES:
+        raise InputError(Code.X_DTYPE, dtype_code(x.dtype))
+    t, h = x.shape
+    if h < 1:
+        raise InputError(Code.EMPTY_HIDDEN)
+    if not isinstance(topk_idx, torch.Tensor):
+        raise InputError(Code.IDX_DTYPE, dtype_code(None))
+    if topk_idx.dim() != 2 or topk_idx.shape[1] < 1:
+        raise InputError(Code.IDX_NDIM, topk_idx.dim())
+    if topk_idx.dtype != torch.int64:
+        raise InputError(Code.IDX_DTYPE, dtype_code(topk_idx.dtype))
+    if topk_idx.shape[0] != t:
+        raise InputError(Code.NUM_TOKENS, t, topk_idx.shape[0])
+    if topk_idx.device != x.device:
+        raise InputError(Code.DEVICE)
+    if not _is_int(num_experts) or num_experts <= 0 or num_experts % num_ranks:
+        raise InputError(Code.NUM_EXPERTS, num_experts if _is_int(num_experts) else -1, num_ranks)
+    if not _is_int(capacity) or t > capacity or capacity < 1:
+        raise InputError(Code.LL_CAPACITY, t, capacity if _is_int(capacity) else -1)
+    if use_fp8 and h % 128:
+        raise InputError(Code.FP8_HIDDEN, h)
+    return _Sizes(h, capacity, num_experts, bool(use_fp8), x.dtype)
+
+
+def _range_status(topk_idx: torch.Tensor, num_experts: int, rank: int) -> torch.Tensor:
+    """``[STATUS_INTS]`` int64 on topk_idx's device: IDX_RANGE when a value is outside ``[-1, E)``, else OK.
+    Device ops only (no host sync)."""
+    ok = ints_on(OK.ints(), topk_idx.device)
+    if topk_idx.numel() == 0:
+        return ok
+    lo, hi = topk_idx.aminmax()
+    bad_lo, bad = lo < -1, (lo < -1) | (hi >= num_experts)
+    fail = ints_on(Status(int(Code.IDX_RANGE), rank, 0, num_experts).ints(), topk_idx.device)
+    fail[2] = torch.where(bad_lo, lo, hi)  # the offending value
+    return torch.where(bad, fail, ok)
+
+
+def _preflight(buffer, op: str, status: Status, sizes: _Sizes | None) -> None:
+    """Host-check backends: exchange status + sizes (fixed size) and raise the same error on every rank."""
+    r = buffer.num_ranks
+    msg = torch.zeros(r, STATUS_INTS + META_INTS, dtype=torch.int64)
+    msg[:, :STATUS_INTS] = torch.tensor(status.ints(), dtype=torch.int64)
+    if sizes is not None:
+        msg[:, STATUS_INTS:] = torch.tensor(sizes.meta(), dtype=torch.int64)
+    got = buffer._engine.comm.exchange_fixed(msg).tolist()
+    raise_status(op, first_failure(row[:STATUS_INTS] for row in got), r)
+    raise_status(op, meta_mismatch(row[STATUS_INTS:] for row in got), r)
+
+
+def _header_rows(num_ints: int, row_bytes: int) -> int:
+    return -(-8 * num_ints // row_bytes)  # row_bytes is a multiple of 8
+
+
+def _header_view(buf: torch.Tensor, r: int, block_rows: int, hdr: int, num_ints: int) -> torch.Tensor:
+    """``[R, num_ints]`` int64 view of the header rows at the head of each peer's block of ``buf``."""
+    rb = buf.shape[1]
+    return buf.view(r, block_rows * rb)[:, :hdr * rb].view(torch.int64)[:, :num_ints]
+
+
+def _finish(works, async_finish: bool, return_recv_hook: bool, finish):
+    if async_finish or return_recv_hook:
+        ev = EventOverlap(works, finish=finish)
+        return ev, (ev.wait if return_recv_hook else None)
+    for w in works:
+        w.wait()
+    finish()
+    return EventOverlap(), None
+
+
+def low_latency_dispatch(buffer, x: torch.Tensor, topk_idx: torch.Tensor, num_max_dispatch_tokens_per_rank: int,
+                         num_experts: int, *, use_fp8: bool = True, async_finish: bool = False,
+                         return_recv_hook: bool = False) -> LowLatencyDispatchOutput:
+    op, r, rank = "low_latency_dispatch", buffer.num_ranks, buffer.rank
+    status, sizes = OK, None
+    try:
+        sizes = _check_dispatch(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, use_fp8, r)
+        if buffer._ll_host_checks:
+            check_expert_range(topk_idx, num_experts)  # one host sync (two scalars): free on the CPU
+    except InputError as err:
+        status = err.status(rank)
+    if buffer._ll_host_checks:
+        _preflight(buffer, op, status, sizes)  # raises on every rank if any rank failed or sizes differ
+    elif sizes is None:
+        # Device backend, a rank whose x cannot size the block: it sends a block of the size of its
+        # previous call's (what the peers most likely use) and the peers raise from its status.
+        sizes = buffer._ll_sizes
+        if sizes is None:
+            raise_status(op, status, r)  # nothing to size the block with: local error (see docs/ep.md)
+    if status.ok:
+        buffer._ll_sizes = sizes
+    hidden, c, e, fp8 = sizes.hidden, sizes.capacity, sizes.num_experts, sizes.fp8
+    l = e // r
+    fmt = sizes.row_format()
+    rb = fmt.row_bytes
+    n_hdr = STATUS_INTS + META_INTS + l
+    hdr = _header_rows(n_hdr, rb)
+    block = hdr + l * c  # rows per peer
+    device = x.device if isinstance(x, torch.Tensor) else (topk_idx.device if isinstance(topk_idx, torch.Tensor)
+                                                          else buffer._msg_device)
+    send = torch.zeros(r * block + 1, rb, dtype=torch.uint8, device=device)  # + a spare row for masked entries
+    head = _header_view(send[:-1], r, block, hdr, n_hdr)  # [R, n_hdr]
+    head[:, STATUS_INTS:STATUS_INTS + META_INTS] = ints_on(sizes.meta(), device)
+    if status.ok:
+        t = x.shape[0]
+        if not buffer._ll_host_checks:
+            head[:, :STATUS_INTS] = _range_status(topk_idx, e, rank)  # on the device: no host sync
+        chosen = torch.zeros(t, e + 1, dtype=torch.bool, device=device)
+        chosen.scatter_(1, torch.where((topk_idx >= 0) & (topk_idx < e), topk_idx, e), True)
+        chosen = chosen[:, :e]  # [T, E]
+        slot = torch.cumsum(chosen.long(), 0) - 1  # [T, E]
+        head[:, STATUS_INTS + META_INTS:] = chosen.sum(0).view(r, l)
+        fields = dict(zip(("x", "scales"), quantize_1x128(x.detach()))) if fp8 else {"x": x.detach()}
+        # One copy per (token, k) into its slot; masked (or out-of-range) entries go to the spare last row.
+        # No nonzero(): its output size would need a host sync.
+        valid = (topk_idx >= 0) & (topk_idx < e)
+        ex = torch.where(valid, topk_idx, 0)
+        row = (ex // l) * block + hdr + (ex % l) * c + slot.gather(1, ex)
+        dest_rows = torch.where(valid, row, r * block).flatten()  # [T*K]
+        tok = torch.arange(t, device=device).repeat_interleave(topk_idx.shape[1])
+        views = fmt.views(send)
+        for name, v in fields.items():
+            dst = views[name]
+            if v.dtype == FP8_DTYPE:  # index_copy_ has no float8 kernel: move the bytes
+                dst, v = dst.view(torch.uint8), v.view(torch.uint8)
+            dst.index_copy_(0, dest_rows, v.index_select(0, tok))
+    else:
+        head[:, :STATUS_INTS] = ints_on(status.ints(), device)
+        slot = torch.zeros(0, e, dtype=torch.int64, device=device)
+    send = send[:-1]
+    comm = buffer._engine.comm
+    recv, work = comm.all_to_all_rows(send, [block] * r, [block] * r, async_op=async_finish or return_recv_hook)
+    buffer.stats.record(traffic_by_peer([l * c * rb] * r, buffer.layout, rank))
+    recv_x = torch.empty(l, r * c, hidden, dtype=FP8_DTYPE if fp8 else sizes.x_dtype, device=device)
+    recv_scales = torch.empty(l, r * c, num_scale_cols(hidden), dtype=torch.float32, device=device) if fp8 else None
+    recv_count = torch.empty(l, dtype=torch.int64, device=device)
+    recv_counts = torch.zeros(r, l, dtype=torch.int64, device=device)
+    handle = LowLatencyHandle(x.shape[0] if status.ok else 0, c, e, hidden, slot, recv_counts, sizes.x_dtype,
+                              buffer._key)
+
+    @torch.no_grad()
+    def finish():
+        got_head = _header_view(recv, r, block, hdr, n_hdr)
+        # The status words (a host read; on a GPU this is the call's one host sync, at its completion).
+        raise_status(op, first_failure(got_head[:, :STATUS_INTS].tolist()), r)
+        if not buffer._ll_host_checks:
+            raise_status(op, meta_mismatch(got_head[:, STATUS_INTS:STATUS_INTS + META_INTS].tolist()), r)
+        recv_counts.copy_(got_head[:, STATUS_INTS + META_INTS:])
+        src_row, valid = _packed_index(recv_counts, c)  # [L, R*C]
+        src, j = src_row // c, src_row % c
+        full = (src * block + hdr + torch.arange(l, device=device).unsqueeze(1) * c + j).flatten()
+        got = fmt.views(recv)
+        for name, out in (("x", recv_x), ("scales", recv_scales)):
+            if out is not None:
+                rows = got[name].index_select(0, full).view(l, r * c, -1)
+                out.copy_(torch.where(valid.unsqueeze(2), rows, torch.zeros((), dtype=rows.dtype, device=device))
+                          if rows.dtype != FP8_DTYPE else
+                          torch.where(valid.unsqueeze(2), rows.view(torch.uint8), 0).view(FP8_DTYPE))
+        recv_count.copy_(recv_counts.sum(0))
+
+    event, hook = _finish([work] if work else [], async_finish, return_recv_hook, finish)
+    out_x = (recv_x, recv_scales) if fp8 else recv_x
+    return LowLatencyDispatchOutput(out_x, recv_count, handle, event, hook)
 
 
 def _packed_index(counts: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,123 +270,73 @@ def _packed_index(counts: torch.Tensor, capacity: int) -> tuple[torch.Tensor, to
     return src * capacity + (j - start).clamp(0, capacity - 1), valid  # invalid j: any in-range row
 
 
-def _finish(event_works, async_finish: bool, return_recv_hook: bool, finish):
-    if async_finish or return_recv_hook:
-        ev = EventOverlap(event_works, finish=finish)
-        return ev, (ev.wait if return_recv_hook else None)
-    for w in event_works:
-        w.wait()
-    finish()
-    return EventOverlap(), None
-
-
-def low_latency_dispatch(buffer, x: torch.Tensor, topk_idx: torch.Tensor, num_max_dispatch_tokens_per_rank: int,
-                         num_experts: int, *, use_fp8: bool = True, async_finish: bool = False,
-                         return_recv_hook: bool = False) -> LowLatencyDispatchOutput:
-    r, c = buffer.num_ranks, int(num_max_dispatch_tokens_per_rank)
-    if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"x must be a 2-D bf16/fp16/fp32 tensor, got {getattr(x, 'dtype', type(x))}")
-    if not isinstance(topk_idx, torch.Tensor) or topk_idx.dtype != torch.int64 or topk_idx.dim() != 2 \
-            or topk_idx.shape[0] != x.shape[0]:
-        raise ValueError("topk_idx must be int64 [num_tokens, num_topk] with the num_tokens of x")
-    t, h = x.shape
-    if t > c:
-        raise ValueError(f"num_tokens ({t}) exceeds num_max_dispatch_tokens_per_rank ({c})")
-    if num_experts % r:
-        raise ValueError(f"num_experts ({num_experts}) must be a multiple of the number of ranks ({r})")
-    if use_fp8 and h % 128:
-        raise ValueError(f"use_fp8 needs a hidden size that is a multiple of 128, got {h}")
-    e, l = num_experts, num_experts // r
-    device = x.device
-    chosen = torch.zeros(t, e + 1, dtype=torch.bool, device=device)
-    chosen.scatter_(1, torch.where(topk_idx >= 0, topk_idx, e), True)
-    chosen = chosen[:, :e]  # [T, E]
-    slot = torch.cumsum(chosen.long(), 0) - 1  # [T, E]
-    counts = chosen.sum(0)  # [E]
-    spec = [("x", FP8_DTYPE if use_fp8 else x.dtype, h)] + ([("scales", torch.float32, num_scale_cols(h))]
-                                                           if use_fp8 else [])
-    fmt = RowFormat(spec)
-    fields = dict(zip(("x", "scales"), quantize_1x128(x))) if use_fp8 else {"x": x}
-    # One copy per (token, k) into its slot; masked entries go to a spare last row. No nonzero(): its
-    # output size would need a host sync.
-    valid = topk_idx >= 0
-    ex = torch.where(valid, topk_idx, 0)
-    dest_rows = torch.where(valid, ex * c + slot.gather(1, ex), e * c).flatten()  # [T*K]
-    tok = torch.arange(t, device=device).repeat_interleave(topk_idx.shape[1])
-    send = torch.zeros(e * c + 1, fmt.row_bytes, dtype=torch.uint8, device=device)
-    views = fmt.views(send)
-    for name, v in fields.items():
-        dst = views[name]
-        if v.dtype == FP8_DTYPE:  # index_copy_ has no float8 kernel: move the bytes
-            dst, v = dst.view(torch.uint8), v.view(torch.uint8)
-        dst.index_copy_(0, dest_rows, v.index_select(0, tok))
-    send = send[: e * c]
-    comm = buffer._engine.comm
-    per_peer = [l * c] * r
-    recv, work = comm.all_to_all_rows(send, per_peer, per_peer, async_op=async_finish or return_recv_hook)
-    recv_counts, work_c = comm.all_to_all_rows(counts.view(r, l), [1] * r, [1] * r,
-                                               async_op=async_finish or return_recv_hook)
-    buffer.stats.record(_traffic(buffer, l * c * fmt.row_bytes))
-    recv_x = torch.empty(l, r * c, h, dtype=spec[0][1], device=device)
-    recv_scales = torch.empty(l, r * c, num_scale_cols(h), dtype=torch.float32, device=device) if use_fp8 else None
-    recv_count = torch.empty(l, dtype=torch.int64, device=device)
-    handle = LowLatencyHandle(t, c, e, h, slot, recv_counts)
-
-    @torch.no_grad()
-    def finish():
-        src_row, valid = _packed_index(recv_counts, c)  # [L, R*C]
-        got = fmt.views(recv.view(r, l, c, fmt.row_bytes).transpose(0, 1).reshape(l * r * c, fmt.row_bytes))
-        flat = (torch.arange(l, device=device).unsqueeze(1) * (r * c) + src_row).flatten()
-        for name, out in (("x", recv_x), ("scales", recv_scales)):
-            if out is not None:
-                rows = got[name].index_select(0, flat).view(l, r * c, -1)
-                out.copy_(torch.where(valid.unsqueeze(2), rows, torch.zeros((), dtype=rows.dtype, device=device))
-                          if rows.dtype != FP8_DTYPE else
-                          torch.where(valid.unsqueeze(2), rows.view(torch.uint8), 0).view(FP8_DTYPE))
-        recv_count.copy_(recv_counts.sum(0))
-
-    event, hook = _finish([w for w in (work, work_c) if w], async_finish, return_recv_hook, finish)
-    out_x = (recv_x, recv_scales) if use_fp8 else recv_x
-    return LowLatencyDispatchOutput(out_x, recv_count, handle, event, hook)
+def _check_combine(x, topk_idx, topk_weights, handle: LowLatencyHandle, num_ranks: int) -> None:
+    l, c, h, t = handle.num_experts // num_ranks, handle.capacity, handle.hidden, handle.num_tokens
+    if not isinstance(x, torch.Tensor) or x.dim() != 3 or tuple(x.shape) != (l, num_ranks * c, h) \
+            or x.dtype not in FLOAT_DTYPES:
+        raise InputError(Code.LL_COMBINE_X, l, num_ranks * c, h)
+    if not isinstance(topk_idx, torch.Tensor) or not isinstance(topk_weights, torch.Tensor) \
+            or topk_idx.dtype != torch.int64 or topk_weights.dtype != torch.float32 or topk_idx.dim() != 2 \
+            or topk_idx.shape[0] != t or topk_weights.shape != topk_idx.shape:
+        raise InputError(Code.LL_ROUTING, t)
+    if topk_idx.device != x.device or topk_weights.device != x.device:
+        raise InputError(Code.DEVICE)
 
 
 def low_latency_combine(buffer, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
                         handle: LowLatencyHandle, *, async_finish: bool = False,
                         return_recv_hook: bool = False) -> LowLatencyCombineOutput:
-    r, c, e, t = buffer.num_ranks, handle.capacity, handle.num_experts, handle.num_tokens
+    op, r, rank = "low_latency_combine", buffer.num_ranks, buffer.rank
+    if not isinstance(handle, LowLatencyHandle) or handle.key != buffer._key:
+        # Without the handle nothing sizes the block: raised locally (SPMD programs do it on every rank).
+        raise_status(op, Status(int(Code.LL_HANDLE), rank), r)
+    c, e, t, hidden = handle.capacity, handle.num_experts, handle.num_tokens, handle.hidden
     l = e // r
-    if not isinstance(x, torch.Tensor) or x.dim() != 3 or tuple(x.shape[:2]) != (l, r * c) \
-            or x.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"x must be bf16/fp16/fp32 [{l}, {r * c}, hidden], got "
-                         f"{tuple(getattr(x, 'shape', ()))} {getattr(x, 'dtype', type(x))}")
-    if topk_idx.shape != topk_weights.shape or topk_idx.shape[0] != t:
-        raise ValueError(f"topk_idx and topk_weights must both be [{t}, num_topk]")
-    h, device = x.shape[2], x.device
-    # Back to the fixed block layout [R, L, C, H]: row (s, e, j) = packed row offset[e, s] + j.
-    counts = handle.counts  # [R, L]
-    start = torch.cumsum(counts, 0) - counts  # [R, L]
-    j = torch.arange(c, device=device)
-    pos = start.unsqueeze(2) + j  # [R, L, C]
-    valid = j < counts.unsqueeze(2)
-    pos = torch.where(valid, pos, 0)
-    rows = x.gather(1, pos.permute(1, 0, 2).reshape(l, r * c, 1).expand(l, r * c, h))  # [L, R*C, H]
-    rows = rows.view(l, r, c, h).transpose(0, 1)  # [R, L, C, H]
-    send = torch.where(valid.unsqueeze(3), rows, torch.zeros((), dtype=x.dtype, device=device))
-    send = send.reshape(r * l * c, h).contiguous()
+    status = OK
+    try:
+        _check_combine(x, topk_idx, topk_weights, handle, r)
+        if buffer._ll_host_checks:
+            check_expert_range(topk_idx, e)
+    except InputError as err:
+        status = err.status(rank)
+    device = handle.counts.device
+    # Rows travel in the handle's dtype (agreed at dispatch), so every rank's block has one size.
+    fmt = RowFormat([("x", handle.x_dtype, hidden)])
+    rb, block = fmt.row_bytes, 1 + l * c  # a status row, then [L, C] rows
+    send = torch.zeros(r * block, rb, dtype=torch.uint8, device=device)
+    st = send.view(r, block, rb)[:, 0, :STATUS_BYTES].view(torch.int64)  # [R, STATUS_INTS]
+    if status.ok:
+        if not buffer._ll_host_checks:
+            st.copy_(_range_status(topk_idx, e, rank).expand(r, -1))
+        # Back to the fixed block layout [R, L, C, H]: row (s, e, j) = packed row offset[e, s] + j.
+        counts = handle.counts  # [R, L]
+        start = torch.cumsum(counts, 0) - counts  # [R, L]
+        j = torch.arange(c, device=device)
+        valid = j < counts.unsqueeze(2)  # [R, L, C]
+        pos = torch.where(valid, start.unsqueeze(2) + j, 0)
+        rows = x.detach().gather(1, pos.permute(1, 0, 2).reshape(l, r * c, 1).expand(l, r * c, hidden))
+        rows = rows.view(l, r, c, hidden).transpose(0, 1)  # [R, L, C, H]
+        rows = torch.where(valid.unsqueeze(3), rows, torch.zeros((), dtype=rows.dtype, device=device))
+        fmt.views(send)["x"].view(r, block, hidden)[:, 1:].copy_(rows.reshape(r, l * c, hidden))
+    else:
+        st.copy_(ints_on(status.ints(), device).expand(r, -1))
     comm = buffer._engine.comm
-    per_peer = [l * c] * r
-    back, work = comm.all_to_all_rows(send, per_peer, per_peer, async_op=async_finish or return_recv_hook)
-    buffer.stats.record(_traffic(buffer, l * c * h * x.element_size()))
-    out = torch.empty(t, h, dtype=x.dtype, device=device)
+    back, work = comm.all_to_all_rows(send, [block] * r, [block] * r, async_op=async_finish or return_recv_hook)
+    buffer.stats.record(traffic_by_peer([l * c * rb] * r, buffer.layout, rank))
+    out_dtype = x.dtype if status.ok else handle.x_dtype
+    out = torch.empty(t, hidden, dtype=out_dtype, device=device)
 
     @torch.no_grad()
     def finish():
-        valid_k = topk_idx >= 0
+        statuses = back.view(r, block, rb)[:, 0, :STATUS_BYTES].view(torch.int64)
+        raise_status(op, first_failure(statuses.tolist()), r)  # host read (GPU: at completion)
+        valid_k = (topk_idx >= 0) & (topk_idx < e)
         ex = torch.where(valid_k, topk_idx, 0)  # [T, K]
         sl = handle.slot.gather(1, ex)  # [T, K]
-        got = back.view(e * c, h).index_select(0, (ex * c + sl).flatten().clamp(min=0)).view(*ex.shape, h)
-        w = torch.where(valid_k, topk_weights.float(), 0.0)
-        out.copy_((got.float() * w.unsqueeze(2)).sum(1))
+        row = torch.where(valid_k, (ex // l) * block + 1 + (ex % l) * c + sl, 1)  # masked: any data row
+        got = fmt.views(back)["x"].index_select(0, row.flatten()).view(*ex.shape, hidden)
+        # where, not a zero weight: a masked entry must not turn an inf/nan of another row into nan.
+        out.copy_(torch.where(valid_k.unsqueeze(2), got.float() * topk_weights.unsqueeze(2), 0.0).sum(1))
 
     event, hook = _finish([work] if work else [], async_finish, return_recv_hook, finish)
     return LowLatencyCombineOutput(out, event, hook)

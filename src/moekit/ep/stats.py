@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
+
+from ..dist import NodeLayout
 
 
 @dataclasses.dataclass
@@ -38,3 +41,17 @@ class TrafficStats:
 
     def reset(self) -> None:
         self.last, self.total, self.num_calls = Traffic(), Traffic(), 0
+
+
+def traffic_by_peer(bytes_per_peer: Sequence[int], layout: NodeLayout, me: int) -> Traffic:
+    """Bytes sent to each group rank (``bytes_per_peer[r]``, r < R) split by hop: to ``me`` itself, to a rank
+    of ``me``'s node, to a rank of another node."""
+    t, my_node = Traffic(), layout.node_of(me)
+    for r, b in enumerate(bytes_per_peer):
+        if r == me:
+            t.self_bytes += b
+        elif layout.node_of(r) == my_node:
+            t.intra_node_bytes += b
+        else:
+            t.inter_node_bytes += b
+    return t

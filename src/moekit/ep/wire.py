@@ -20,6 +20,15 @@ def _round_up(x: int, m: int) -> int:
     return (x + m - 1) // m * m
 
 
+def ints_on(values: list[int], device: torch.device) -> torch.Tensor:
+    """``values`` as an int64 tensor on ``device``, filled by kernels: ``torch.tensor(..., device=cuda)``
+    copies from pageable host memory, which synchronises with the host (status words stay sync-free)."""
+    out = torch.empty(len(values), dtype=torch.int64, device=device)
+    for i, v in enumerate(values):
+        out[i] = v
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class Field:
     name: str
@@ -98,7 +107,7 @@ def pack(fmt: RowFormat, fields: dict[str, torch.Tensor], counts: list[int], sta
     device = next(iter(fields.values())).device
     n = next(iter(fields.values())).shape[0]
     if isinstance(status, Status):
-        status = torch.tensor(status.ints(), dtype=torch.int64)
+        status = ints_on(status.ints(), device)
     if row_index is None:
         # Rows go out in order: write each field straight into the send buffer (one copy, not two).
         assert n == sum(counts), (n, counts)
@@ -177,7 +186,7 @@ def merged_status(buf: torch.Tensor, counts: list[int], own: Status) -> torch.Te
     """
     status_pos, _ = positions(counts, buf.device)
     rows = buf.index_select(0, status_pos)[:, :STATUS_BYTES].contiguous().view(torch.int64)  # [P, 5]
-    rows = torch.cat([torch.tensor([own.ints()], dtype=torch.int64, device=buf.device), rows])
+    rows = torch.cat([ints_on(own.ints(), buf.device).unsqueeze(0), rows])
     key = torch.where(rows[:, 0] != 0, rows[:, 1], torch.iinfo(torch.int64).max)
     return rows[torch.argmin(key)]
 
