@@ -11,15 +11,13 @@ rank). Both run in the same processes on the same routing; bytes come from each 
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
 import statistics
 import time
 
 import torch
 import torch.distributed as dist
 
+from moekit import benchtools
 from moekit.ep import Buffer
 from moekit.ep.naive import NaiveBuffer
 from moekit.testing import spawn
@@ -71,8 +69,7 @@ def _rank(rank, world, tokens, hidden, experts, topk, iters, seed):
 
 
 def device_tag() -> str:
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, 1 thread/rank, " \
-           f"torch {torch.__version__}, {datetime.date.today().isoformat()}"
+    return benchtools.device_tag("1 thread/rank")
 
 
 def main(argv=None) -> int:
@@ -86,7 +83,6 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     from rich.console import Console
-    from rich.table import Table
 
     res = spawn(_rank, a.ranks, a.tokens, a.hidden, a.experts, a.topk, a.iters, a.seed, timeout=1800)
     names = list(res[0])
@@ -102,18 +98,17 @@ def main(argv=None) -> int:
                 "c_s": slowest_median([r[name]["combine_s"] for r in res])}
 
     s = {n: summary(n) for n in names}
-    t = Table(title=f"dispatch + combine, {a.ranks} gloo ranks, T={a.tokens}/rank, H={a.hidden}, E={a.experts}, "
-                    f"top-{a.topk}, bf16 ({device_tag()})")
-    for col in ("dispatcher", "rows recv", "dispatch MB", "x naive", "to other ranks MB", "combine MB",
-                "dispatch ms", "x naive", "combine ms", "x naive"):
-        t.add_column(col, justify="right" if col != "dispatcher" else "left")
+    t = benchtools.table(f"dispatch + combine, {a.ranks} gloo ranks, T={a.tokens}/rank, H={a.hidden}, "
+                         f"E={a.experts}, top-{a.topk}, bf16 ({device_tag()})",
+                         ["dispatcher", "rows recv", "dispatch MB", "x naive", "to other ranks MB", "combine MB",
+                          "dispatch ms", "x naive", "combine ms", "x naive"])
     b = s[base]
     for n in names:
         v = s[n]
-        t.add_row(n, str(v["rows"]), f"{v['d_bytes'] / 1e6:.1f}", f"{v['d_bytes'] / b['d_bytes']:.2f}",
+        t.add_row(n, str(v["rows"]), f"{v['d_bytes'] / 1e6:.1f}", benchtools.ratio(v['d_bytes'], b['d_bytes']),
                   f"{v['remote'] / 1e6:.1f}", f"{v['c_bytes'] / 1e6:.1f}",
-                  f"{v['d_s'] * 1e3:.0f}", f"{v['d_s'] / b['d_s']:.2f}",
-                  f"{v['c_s'] * 1e3:.0f}", f"{v['c_s'] / b['c_s']:.2f}")
+                  f"{v['d_s'] * 1e3:.0f}", benchtools.ratio(v['d_s'], b['d_s']),
+                  f"{v['c_s'] * 1e3:.0f}", benchtools.ratio(v['c_s'], b['c_s']))
     Console(width=200).print(t)
     return 0
 

@@ -17,6 +17,7 @@ import argparse
 import torch
 
 from ep_cpu import device_tag, slowest_median, time_buffer
+from moekit import benchtools
 from moekit.ep import Buffer
 from moekit.ep.naive import NaiveBuffer
 from moekit.testing import spawn
@@ -63,7 +64,6 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     from rich.console import Console
-    from rich.table import Table
 
     res = spawn(_rank, a.ranks, a.ranks_per_node, a.tokens, a.hidden, a.experts, a.topk, a.max_nodes, a.iters,
                 a.seed, timeout=1800)
@@ -78,18 +78,18 @@ def main(argv=None) -> int:
                 "d_s": slowest_median([r[n]["dispatch_s"] for r in res]),
                 "c_s": slowest_median([r[n]["combine_s"] for r in res])}
     nodes = a.ranks // a.ranks_per_node
-    t = Table(title=f"{nodes} nodes x {a.ranks_per_node} gloo ranks, T={a.tokens}/rank, H={a.hidden}, "
-                    f"E={a.experts} in {nodes} groups, top-{a.topk} on <= {a.max_nodes} nodes, bf16 ({device_tag()})")
-    for col in ("dispatcher", "inter-node rows/token", "dispatch inter-node MB", "x naive", "intra-node MB",
-                "combine inter-node MB", "dispatch ms", "x naive", "combine ms", "x naive"):
-        t.add_column(col, justify="right" if col != "dispatcher" else "left")
+    t = benchtools.table(f"{nodes} nodes x {a.ranks_per_node} gloo ranks, T={a.tokens}/rank, H={a.hidden}, "
+                         f"E={a.experts} in {nodes} groups, top-{a.topk} on <= {a.max_nodes} nodes, bf16 "
+                         f"({device_tag()})",
+                         ["dispatcher", "inter-node rows/token", "dispatch inter-node MB", "x naive", "intra-node MB",
+                          "combine inter-node MB", "dispatch ms", "x naive", "combine ms", "x naive"])
     b = s[names[0]]
     for n in names:
         v = s[n]
-        t.add_row(n, f"{v['rows_per_token']:.2f}", f"{v['inter'] / 1e6:.1f}", f"{v['inter'] / b['inter']:.2f}",
+        t.add_row(n, f"{v['rows_per_token']:.2f}", f"{v['inter'] / 1e6:.1f}", benchtools.ratio(v['inter'], b['inter']),
                   f"{v['intra'] / 1e6:.1f}", f"{v['c_inter'] / 1e6:.1f}",
-                  f"{v['d_s'] * 1e3:.0f}", f"{v['d_s'] / b['d_s']:.2f}",
-                  f"{v['c_s'] * 1e3:.0f}", f"{v['c_s'] / b['c_s']:.2f}")
+                  f"{v['d_s'] * 1e3:.0f}", benchtools.ratio(v['d_s'], b['d_s']),
+                  f"{v['c_s'] * 1e3:.0f}", benchtools.ratio(v['c_s'], b['c_s']))
     Console(width=200).print(t)
     two = s[names[-1]]["rows_per_token"]
     ok = two <= a.max_nodes
