@@ -11,6 +11,7 @@ held per rank beside the table, and the bubble as a ratio to 1F1B's measured in 
 timeline PNG per schedule goes to ``--png-dir`` (``docs/img`` by default) for ``--png-pp``.
 
     .venv/bin/python bench/pipeline_bubbles.py [--pp 4 8] [--chunks 20] [--f-ms 20 --b-ms 40 --w-ms 20]
+    .venv/bin/python bench/pipeline_bubbles.py --moe-only --moe-png docs/img/pipeline_moe_overlap.png
 """
 
 from __future__ import annotations
@@ -140,8 +141,10 @@ def _rank(rank, world, kind, chunks, times, steps):
     return out, latency
 
 
-def _moe_rank(rank, world, hidden, tokens, chunks):
-    """PP=2 x EP=2: DualPipe over MoEStages of 2 blocks; returns the overlap records of pipeline 0."""
+def _moe_rank(rank, world, hidden, tokens, chunks, steps):
+    """PP=2 x EP=2: DualPipe over MoEStages of 2 blocks, with the MoE-aware F&B hook and without it (F then
+    B, same modules). Returns (the overlap records of the last hooked step, shortest hooked step s,
+    shortest plain step s) on pipeline 0, None on pipeline 1."""
     import torch.distributed as dist
 
     from moekit import MoEConfig
@@ -162,13 +165,34 @@ def _moe_rank(rank, world, hidden, tokens, chunks):
     pipe.set_p2p_tensor_shapes([(tokens, hidden)])
     pipe.set_p2p_tensor_dtype(torch.float32)
     x = torch.randn(chunks // 2 * tokens, hidden)
-    for _ in range(2):
+    best = {}
+    recs = []
+    # Alternate hooked and plain steps (the first of each warms up), so both see the same machine load.
+    for i in range(2 * steps):
+        hooked = i % 2 == 0
+        pipe.overlapped_forward_backward = hooked
         for m in mods:
             m.clear_records()
+        dist.barrier(pipes[rank // 2])
+        t0 = time.time()
         pipe.step(x, num_chunks=chunks, criterion=_criterion, labels=(x,))
-    recs = mods[0].overlap_records + mods[1].overlap_records
-    recs += [r for r in pipe.records if r.phase != "FB"]  # the F&B pairs are drawn by their pieces
-    return recs if rank < 2 else None
+        dt = time.time() - t0
+        if i >= 2:
+            best[hooked] = min(best.get(hooked, dt), dt)
+        if hooked:
+            recs = mods[0].overlap_records + mods[1].overlap_records
+            recs += [r for r in pipe.records if r.phase != "FB"]  # the F&B pairs are drawn by their pieces
+    return (recs, best[True], best[False]) if rank < 2 else None
+
+
+def _hidden_fraction(records, backward: bool) -> float:
+    """Share of the transfers' time (forward's, or backward's) during which the other direction computed."""
+    comm = [r for r in records if r.phase == "COMM" and (r.chunk_b is not None) == backward]
+    other = [r for r in records if r.phase == ("F" if backward else "B")]
+    total = sum(c.end - c.start for c in comm)
+    covered = sum(max(0.0, min(c.end, p.end) - max(c.start, p.start)) for c in comm for p in other
+                  if p.rank == c.rank)
+    return covered / total if total else float("nan")
 
 
 def _measure(kind, pp, chunks, times, steps):
@@ -196,6 +220,7 @@ def main() -> None:
     ap.add_argument("--png-dir", default="docs/img")
     ap.add_argument("--png-pp", type=int, default=8)
     ap.add_argument("--moe-png", default=None, help="also draw the MoE overlap timeline (PP=2 x EP=2) here")
+    ap.add_argument("--moe-only", action="store_true", help="only the MoE overlap part (with --moe-png)")
     args = ap.parse_args()
     from rich.console import Console
     from rich.table import Table
@@ -213,7 +238,7 @@ def main() -> None:
                 "measured (max / mean)", "measured vs 1F1B", "peak act. (max)", "table", "step ms"):
         table.add_column(col, justify="right")
     os.makedirs(args.png_dir, exist_ok=True)
-    for pp in args.pp:
+    for pp in ([] if args.moe_only else args.pp):
         base = None  # the max bubble of 1F1B, measured first
         for kind, name in (("1f1b", "1F1B"), ("dualpipe", "DualPipe"), ("dualpipev", "DualPipeV")):
             ranks = pp // 2 if kind == "dualpipev" else pp
@@ -235,11 +260,23 @@ def main() -> None:
                 plot_timeline(records, path, title=f"{name}, PP={pp} ({ranks} ranks), {args.chunks} micro-batches, "
                                                    f"F={args.f_ms:g} B={args.b_ms:g} W={args.w_ms:g} ms (measured)")
                 console.print(f"wrote {path}")
-    console.print(table)
+    if not args.moe_only:
+        console.print(table)
     if args.moe_png:
-        res = spawn(_moe_rank, 4, 128, 128, 8, timeout=600)
-        plot_timeline(res[0] + res[1], args.moe_png, title="DualPipe PP=2 x EP=2 over MoE stages: F&B pairs as "
-                      "forward segments (F), backward pieces (B) and dispatch/combine in flight (grey, under)")
+        hidden, tokens, chunks = 128, 128, 8
+        res = spawn(_moe_rank, 4, hidden, tokens, chunks, args.steps, timeout=600)
+        records = res[0][0] + res[1][0]
+        t = Table(title=f"MoE-aware F&B, DualPipe PP=2 x EP=2 gloo ranks, 2 MoE blocks per stage, hidden {hidden}, "
+                        f"8 experts, {tokens} tokens x {chunks} micro-batches ({tag})")
+        for col in ("rank", "plain F then B: step ms", "MoE F&B hook: step ms", "hook vs plain",
+                    "forward transfers hidden", "backward transfers hidden"):
+            t.add_column(col, justify="right")
+        for k, (recs, hooked, plain) in enumerate(res[:2]):
+            t.add_row(str(k), f"{plain * 1e3:.0f}", f"{hooked * 1e3:.0f}", f"{hooked / plain:.2f}x",
+                      f"{_hidden_fraction(recs, False):.0%}", f"{_hidden_fraction(recs, True):.0%}")
+        console.print(t)
+        plot_timeline(records, args.moe_png, title="DualPipe PP=2 x EP=2, MoE stages: F&B pairs as F and B pieces; "
+                      "grey: dispatch/combine in flight, forward's and backward's")
         console.print(f"wrote {args.moe_png}")
 
 

@@ -47,3 +47,16 @@ def test_demo_end_to_end_short(tmp_path):
     # Every routed (token, expert) pair was counted once per MoE layer per step.
     k = DEMO_CONFIG["num_experts_per_tok"]
     assert all(sum(layer) == 4 * 2 * 16 * k for layer in s["history"]["load"][0])
+
+
+def test_demo_exit_code_needs_loss_fall_and_imbalance_shrink(monkeypatch, tmp_path):
+    import moekit.demo as demo
+
+    base = dict(dispatch_check={"ok": True}, loss_first5=4.0, loss_last5=1.0, imbalance_first5=2.0,
+                imbalance_last5=1.2)
+    monkeypatch.setattr(demo, "write_report", lambda summary, out: [])
+    monkeypatch.setattr(demo, "print_report", lambda summary, files: None)
+    for change, rc in [({}, 0), ({"imbalance_last5": 2.5}, 1), ({"loss_last5": 3.0}, 1),
+                       ({"dispatch_check": {"ok": False}}, 1)]:
+        monkeypatch.setattr(demo, "summarize", lambda results, opts, c=change: {**base, **c})
+        assert demo._finish([], {"out": str(tmp_path)}) == rc, change

@@ -195,3 +195,36 @@ def test_two_tensors_batch_dim_1(extra, rows, seed):
         for sid in range(n_stages):
             for n, t in grads[sid].items():
                 torch.testing.assert_close(summed[sid][n], t, rtol=1e-12, atol=1e-14)
+
+
+def test_zero_bubble_backwards_defer_weight_gradients_to_w(monkeypatch):
+    # A "z" backward must only queue its weight gradients (WeightGradStore.put) and the schedule's W must run
+    # them; the numbers alone cannot tell (a backward that computes everything at once gives the same grads).
+    from moekit.pipeline import WeightGradStore, schedules
+
+    events = []
+    real_put = WeightGradStore.put.__func__
+
+    def put(cls, func):
+        def deferred():
+            events.append("ran")
+            func()
+
+        events.append("put")
+        real_put(cls, deferred)
+
+    monkeypatch.setattr(WeightGradStore, "put", classmethod(put))
+    mods = [Stage(0), Stage(1)]
+    pipe = DualPipeV(mods)
+    x, y = batch(6, 3)
+    loss, _ = pipe.step(x, num_chunks=6, criterion=criterion, labels=(y,))
+    ops = schedules.program("dualpipev", 0, 1, 6)
+    n_zb = sum(op.kind == "B" and op.zb for op in ops)
+    assert n_zb > 0 and sum(op.kind == "W" for op in ops) == n_zb
+    # Each deferred backward queues the two matmul weight gradients of its Stage; every one runs, in a W.
+    assert events.count("put") == events.count("ran") == 2 * n_zb
+    losses, _, ref = reference(2, 6, 3)
+    assert torch.equal(loss, losses)
+    for m, g in zip(mods, ref):
+        for n, p in m.named_parameters():
+            torch.testing.assert_close(p.grad, g[n], rtol=1e-12, atol=1e-14)

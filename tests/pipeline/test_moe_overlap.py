@@ -1,10 +1,16 @@
-"""MoE-aware F&B overlap: DualPipe over MoE stages with expert parallelism, overlapped vs not.
+"""MoE-aware F&B overlap: DualPipe over MoE stages with expert parallelism, overlapped vs moekit.MoE's autograd.
 
 4 gloo ranks = 2 pipelines (PP=2) x EP=2: ranks {0,1} and {2,3} are pipelines, {0,2} and {1,3} the EP
-groups of the two stages. The same DualPipe step runs twice, with the MoE-aware hook and with plain
-F-then-B pairs (the engine path checked against a sequential reference in test_pipelines.py): losses,
-outputs and gradients must be bitwise equal, and the recorded timeline must show a backward piece
-running while a dispatch/combine is in flight.
+groups of the two stages. The same DualPipe step runs over MoEStages with the MoE-aware hook (all four
+transfers per MoE layer overlapped) and over plain stages of the same blocks (``MoEBlock.forward``,
+i.e. ``moekit.MoE`` with the Buffer's own autograd, F then B for every pair; that engine path is checked
+against a sequential reference in test_pipelines.py): losses, outputs and every gradient (the gate's
+included, which is where topk_weights' gradient goes) must be bitwise equal, and the recorded timeline
+must show backward pieces inside the forward's transfers and forward pieces inside the backward's.
+
+The layer-level check runs ``MoE.forward_steps_cut`` with the stage's links outside any F&B pair
+(synchronous transfers) against ``MoE.forward`` + backward: fp32, bf16, fp16, FP8 dispatch, uneven and
+empty ranks. Also: errors inside a pair, EP size 1, and the exact bf16 parts of topk_weights' gradient.
 """
 
 from __future__ import annotations
@@ -13,11 +19,14 @@ import collections
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from moekit import MoEConfig
 from moekit.moe import MoE
 from moekit.pipeline import DualPipe, set_p2p_tensor_dtype, set_p2p_tensor_shapes
-from moekit.pipeline.moe_overlap import MoEBlock, MoEStage
+from moekit.pipeline.moe_overlap import MoEBlock, MoEStage, _cuts, _join_exact, _link, _split_exact
 from moekit.testing import spawn
 
 CFG = dict(hidden_size=8, moe_intermediate_size=8, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
@@ -26,17 +35,29 @@ TOKENS = 4  # per micro-batch
 CHUNKS = 8
 
 
-def _stage(stage_id, ep_group, rank, chunk, record):
+class _PlainStage(nn.Module):
+    """The reference: the same blocks, run by their plain forward (the Buffer's own autograd)."""
+
+    def __init__(self, blocks):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, x):
+        for blk in self.blocks:
+            x = blk(x)
+        return x
+
+
+def _stage(stage_id, ep_group, rank, chunk, overlap):
     torch.manual_seed(100 + stage_id)  # both EP replicas of a stage draw the same weights
-    cfg = MoEConfig(**CFG)
+    cfg = MoEConfig(**CFG, seq_aux_loss_alpha=0.01)
     blocks = [MoEBlock(MoE(cfg, group=ep_group)) for _ in range(2)]
-    return MoEStage(blocks, record=record, rank=rank, chunk=chunk)
+    for b in blocks:
+        b.train()
+    return MoEStage(blocks, record=True, rank=rank, chunk=chunk) if overlap else _PlainStage(blocks)
 
 
-def _rank(rank, world):
-    pipes = [dist.new_group([0, 1]), dist.new_group([2, 3])]
-    eps = [dist.new_group([0, 2]), dist.new_group([1, 3])]
-    pp_group, ep_group = pipes[rank // 2], eps[rank % 2]
+def _pipeline(rank, pp_group, ep_group):
     pp_rank = rank % 2
     set_p2p_tensor_shapes([(TOKENS, CFG["hidden_size"])])
     set_p2p_tensor_dtype(torch.float32)
@@ -47,45 +68,161 @@ def _rank(rank, world):
     for overlap in (True, False):
         mods = [_stage(pp_rank, ep_group, rank, 0, overlap), _stage(1 - pp_rank, ep_group, rank, 1, overlap)]
         pipe = DualPipe(mods, process_group=pp_group)
-        pipe.overlapped_forward_backward = overlap  # the plain run: F then B for every pair
+        assert pipe.overlapped_forward_backward == overlap
         loss, _ = pipe.step(x.tensor_split(2)[pp_rank], num_chunks=CHUNKS,
                             criterion=lambda o, t: ((o - t) ** 2).mean(), labels=(y.tensor_split(2)[1 - pp_rank],))
         with torch.no_grad():
             _, outs = pipe.step(x.tensor_split(2)[pp_rank], num_chunks=CHUNKS, return_outputs=True)
         out[overlap] = dict(loss=loss, outs=outs, grads={n: p.grad.clone() for n, p in pipe.named_parameters()},
-                            records=mods[0].overlap_records + mods[1].overlap_records)
-    # the generator form of the MoE forward is the MoE forward
-    m = mods[0].blocks[0].moe
-    h = torch.randn(TOKENS, CFG["hidden_size"], generator=torch.Generator().manual_seed(5))
-    steps = m.forward_steps(h)
-    events = 0
-    try:
-        while True:
-            next(steps)
-            events += 1
-    except StopIteration as stop:
-        split = stop.value
-    out["split_equal"] = torch.equal(split, m(h)) and events == 2
+                            records=(mods[0].overlap_records + mods[1].overlap_records) if overlap else [])
     return out
 
 
-def test_moe_overlap_matches_plain_pairs_and_overlaps():
+def _layer_cases(rank, ep_group):
+    """MoE.forward_steps_cut + the links (synchronous) against MoE.forward, backward included."""
+    res = []
+    # hidden, dtype, FP8 dispatch, tokens per EP rank (0: an empty rank). FP8 keeps the Buffer's autograd for
+    # the combine, fp16 for the dispatch (see _cuts).
+    cases = [(8, torch.float32, False, [5, 0]), (8, torch.float32, False, [0, 0]),
+             (8, torch.bfloat16, False, [3, 6]), (8, torch.float16, False, [2, 3]), (128, torch.float32, True, [3, 6])]
+    for hidden, dtype, fp8, tokens in cases:
+        cfg = MoEConfig(**{**CFG, "hidden_size": hidden}, dispatch_fp8=fp8)
+        torch.manual_seed(7)
+        moe = MoE(cfg, group=ep_group, dtype=dtype)
+        t = tokens[dist.get_rank(ep_group)]
+        gen = torch.Generator().manual_seed(11 + rank)
+        x = torch.randn(t, hidden, generator=gen).to(dtype)
+        gy = torch.randn(t, hidden, generator=gen).to(dtype)
+        cut = _cuts(moe, x)
+        grads = []
+        for split in (False, True):
+            xi = x.clone().requires_grad_()
+            if split:
+                steps = moe.forward_steps_cut(xi, _link, cut=cut)
+                n = 0
+                while True:
+                    try:
+                        next(steps).wait()
+                        n += 1
+                    except StopIteration as stop:
+                        yo = stop.value
+                        break
+            else:
+                yo = moe(xi)
+            moe.zero_grad(set_to_none=True)
+            yo.backward(gy)
+            grads.append([yo.detach(), xi.grad] + [p.grad.clone() for p in moe.parameters() if p.grad is not None])
+        a, b = grads
+        # output, input gradient, gate + 3 routed + 3 shared expert weights
+        res.append((n, len(a), len(b), [torch.equal(u, v) for u, v in zip(a, b)], cut))
+    return res
+
+
+def _errors(rank, ep_group):
+    """A failing backward or forward inside a pair raises on the calling thread; the next pair still runs."""
+    m0, m1 = _stage(0, ep_group, rank, 0, True), _stage(1, ep_group, rank, 1, True)
+    x = torch.randn(TOKENS, CFG["hidden_size"])
+    out1 = m1(x.clone().requires_grad_())
+    errors = []
+    for bad in ("backward", "forward"):
+        inputs0 = [x] if bad == "backward" else [torch.randn(TOKENS, CFG["hidden_size"] + 1)]
+        grads1 = [torch.ones(TOKENS + 1, CFG["hidden_size"])] if bad == "backward" else [torch.ones_like(out1)]
+        try:
+            MoEStage.overlapped_forward_backward(m0, inputs0, None, [], m1, None, [out1], grads1)
+        except RuntimeError as err:  # autograd's shape mismatch / the matmul's
+            errors.append(type(err).__name__)
+        if bad == "backward":
+            out1 = m1(x.clone().requires_grad_())  # a fresh graph for the pairs that follow
+    out0, _ = MoEStage.overlapped_forward_backward(m0, [x], None, [], m1, None, [out1], [torch.ones_like(out1)])
+    return errors, out0[0].shape == x.shape
+
+
+def _solo(rank, group):
+    """EP size 1 (no Buffer, no transfers): a pair is the forward, then the whole backward."""
+    res = []
+    x = torch.randn(TOKENS, CFG["hidden_size"], generator=torch.Generator().manual_seed(rank))
+    for overlap in (True, False):
+        m0, m1 = _stage(0, group, rank, 0, True), _stage(1, group, rank, 1, True)
+        out1 = m1(x.clone().requires_grad_())
+        g = torch.ones_like(out1)
+        if overlap:
+            (out0,), _ = MoEStage.overlapped_forward_backward(m0, [x], None, [], m1, None, [out1], [g])
+            pieces = [r.phase for r in m0.overlap_records + m1.overlap_records]
+        else:
+            out0 = m0(x)
+            out1.backward(g)
+        res.append([out0] + [p.grad for p in m1.parameters() if p.grad is not None])
+    return len(res[0]) > 1 and all(torch.equal(a, b) for a, b in zip(*res)), pieces
+
+
+def _rank(rank, world):
+    pipes = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    eps = [dist.new_group([0, 2]), dist.new_group([1, 3])]
+    # All groups first: a rank that is done may take the store (on rank 0) down with it.
+    solos = [dist.new_group([k]) for k in range(world)]
+    out = _pipeline(rank, pipes[rank // 2], eps[rank % 2])
+    out["layer"] = _layer_cases(rank, eps[rank % 2])
+    out["errors"] = _errors(rank, eps[rank % 2])
+    out["solo"] = _solo(rank, solos[rank])
+    return out
+
+
+def _inside(inner, outer) -> bool:
+    return outer.start <= inner.start and inner.end <= outer.end
+
+
+def test_moe_overlap_matches_moe_autograd_and_overlaps_both_directions():
     res = spawn(_rank, 4, timeout=240)
     for rank, r in enumerate(res):
+        for (n, la, lb, same, cut), case in zip(r["layer"], ("fp32", "fp32 empty", "bf16", "fp16", "fp8")):
+            assert n == 2 and la == lb == 9 and all(same), (rank, case, same)
+            want = {"fp16": ("combine",), "fp8": ("dispatch",)}.get(case, ("dispatch", "combine"))
+            assert cut == want, (case, cut)
+        assert r["errors"] == (["RuntimeError", "RuntimeError"], True), r["errors"]
+        assert r["solo"] == (True, ["F", "B"]), r["solo"]
         a, b = r[True], r[False]
-        assert r["split_equal"]
         assert torch.equal(a["loss"], b["loss"]), rank
         assert torch.equal(a["outs"], b["outs"])
         assert a["grads"].keys() == b["grads"].keys()
+        assert any("gate.weight" in n for n in a["grads"])
         for n in a["grads"]:
             assert torch.equal(a["grads"][n], b["grads"][n]), (rank, n)
-        assert not b["records"]
         recs = a["records"]
-        comm = [c for c in recs if c.phase == "COMM"]
-        pieces = [c for c in recs if c.phase == "B"]
-        assert comm and pieces and all(c.rank == rank for c in recs)
-        # non-loss stages run their backward in 4 pieces (2 blocks x MoE half, dense half)
-        per_mb = collections.Counter((p.chunk, p.microbatch) for p in pieces)
-        assert max(per_mb.values()) == 4
-        # a backward piece ran entirely while a transfer of the other micro-batch was in flight
-        assert any(c.start <= p.start and p.end <= c.end for c in comm for p in pieces)
+        assert recs and all(c.rank == rank for c in recs)
+        fwd_comm = [c for c in recs if c.phase == "COMM" and c.chunk_b is None]
+        bwd_comm = [c for c in recs if c.phase == "COMM" and c.chunk_b is not None]
+        f_pieces = [c for c in recs if c.phase == "F"]
+        b_pieces = [c for c in recs if c.phase == "B"]
+        # 2 MoE blocks: 4 forward transfers per overlapped forward, 4 backward transfers per overlapped
+        # backward (every stage, the loss stages too), so 5 backward pieces
+        per = collections.Counter((c.chunk, c.microbatch) for c in fwd_comm)
+        assert set(per.values()) == {4}, per
+        per = collections.Counter((c.chunk, c.microbatch) for c in bwd_comm)
+        assert set(per.values()) == {4}, per
+        assert max(collections.Counter((p.chunk, p.microbatch) for p in b_pieces).values()) == 5
+        # both directions hidden: a backward piece ran entirely while a forward transfer of another
+        # micro-batch was in flight, and a forward piece while a backward transfer was
+        assert any(_inside(p, c) for c in fwd_comm for p in b_pieces
+                   if (p.chunk, p.microbatch) != (c.chunk, c.microbatch))
+        assert any(_inside(p, c) for c in bwd_comm for p in f_pieces
+                   if (p.chunk, p.microbatch) != (c.chunk, c.microbatch))
+
+
+@settings(deadline=None, max_examples=60)
+@given(st.lists(st.floats(width=32, allow_nan=False).filter(lambda f: f == 0 or abs(f) >= 2.0 ** -110),
+                min_size=1, max_size=24))
+def test_topk_weight_grads_travel_exactly_in_bf16_parts(values):
+    """The fp32 gradient of topk_weights, split into bf16 parts for a bf16 combine (each part summed in
+    fp32 with the zeros of the other ranks, sent back in bf16), comes back bit for bit (0 up to sign)."""
+    v = torch.tensor(values, dtype=torch.float32).view(-1, 1).repeat(1, 3)  # K = 3
+    for dtype in (torch.float32, torch.bfloat16):
+        parts = _split_exact(v, dtype)
+        assert parts.dtype == dtype and parts.shape[1] == v.shape[1] * (1 if dtype == torch.float32 else 3)
+        wire = (torch.zeros(parts.shape, dtype=torch.float32).index_add_(0, torch.arange(len(v)), parts.float())
+                ).to(dtype)
+        back = _join_exact(wire, 3)
+        assert torch.equal(back, v)
+        nonzero = v != 0
+        assert torch.equal(back[nonzero].view(torch.int32), v[nonzero].view(torch.int32))
+    inf = torch.tensor([[float("inf"), float("-inf"), 1.5]])
+    assert torch.equal(_join_exact(_split_exact(inf, torch.bfloat16), 3), inf)

@@ -106,7 +106,7 @@ def _check_records(kind, rank, res, num_chunks):
     if kind == "1f1b":
         assert zb_w == 0
     else:
-        assert zb_w > 0 or rank == -1
+        assert zb_w > 0  # every DualPipe(V) rank defers some weight gradients (steps 6-8)
 
 
 def _check(kind, world, cases, results):

@@ -138,3 +138,37 @@ def test_bubble_invariants(f, b_over_f, w_frac, fb_frac, ranks, extra):
     assert dual == pytest.approx(_bubble("dualpipe", ranks, 2 * ranks, d))
     assert max(dual) < one[0] or ranks == 2
     assert _bubble("dualpipev", ranks // 2, chunks // 2, d) == pytest.approx(dual[: ranks // 2])
+
+
+def _tokens(ops):
+    """``F0`` forward of module 0, ``B1`` / ``B1z`` (weight gradient deferred) backward, ``W``, ``F0B1`` an F&B pair."""
+    out = []
+    for op in ops:
+        if op.kind == "FB":
+            out.append(f"F{op.module}B{op.module_b}")
+        elif op.kind == "W":
+            out.append("W")
+        else:
+            out.append(f"{op.kind}{op.module}" + ("z" if op.zb else ""))
+    return " ".join(out)
+
+
+# Written out by hand from the eight steps of DeepSeek's DualPipe for PP = 4, 8 micro-batches (half = 2,
+# 4 per direction): nF0 | nF0F1 | nB1W1F1 (zero bubble) | nF0B1F1B0 (the middle rank does not overlap its
+# first pair) | nB1F1B0 | nB1B0 (second half zero bubble) | nWB0 | nW. Ranks 2 and 3 mirror ranks 1 and 0
+# with the modules swapped (their phase 0 is direction 1).
+DUALPIPE_4x8 = [
+    "F0 F0 F0 F1 B1z W F1 F0B1 F1B0 B1 F1B0 B1 B0z W B0z W",
+    "F0 F1 F0 F1 F0 B1 F1B0 F0B1 F1B0 B1 B0 B1z B0z W W",
+    "F1 F0 F1 F0 F1 B0 F0B1 F1B0 F0B1 B0 B1 B0z B1z W W",
+    "F1 F1 F1 F0 B0z W F0 F1B0 F0B1 B0 F0B1 B0 B1z W B1z W",
+]
+
+
+def test_programs_follow_deepseeks_steps():
+    # Pins the op order (which the numeric tests cannot see: every order gives the same losses and grads).
+    assert [_tokens(program("dualpipe", r, 4, 8)) for r in range(4)] == DUALPIPE_4x8
+    # DualPipeV on 2 ranks is DualPipe's first half: the turn at rank 1 plays the middle rank.
+    assert [_tokens(program("dualpipev", r, 2, 4)) for r in range(2)] == DUALPIPE_4x8[:2]
+    assert _tokens(program("1f1b", 0, 4, 6)) == "F0 F0 F0 F0 B0 F0 B0 F0 B0 B0 B0 B0"
+    assert _tokens(program("1f1b", 3, 4, 6)) == " ".join(["F0 B0"] * 6)

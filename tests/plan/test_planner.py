@@ -75,6 +75,15 @@ def test_auto_uses_smallest_hiding(v3_auto, v3_20):
     assert v3_auto.layer.hides
 
 
+def test_smallest_hiding_sms_is_the_smallest(v3_20):
+    # Every SM count below it hides less than HIDE_THRESHOLD of the comm; it reaches the threshold.
+    from moekit.plan.planner import HIDE_THRESHOLD, sm_sweep
+
+    k = v3_20.layer.smallest_hiding_sms
+    pts = sm_sweep(v3_20.model, v3_20.cluster, v3_20.plan, v3_20.spread, ks=list(range(1, k + 1)))
+    assert pts[-1].hidden >= HIDE_THRESHOLD > max(pt.hidden for pt in pts[:-1])
+
+
 def test_more_bandwidth_never_slower():
     base = plan("deepseek-v3", "h800x2048", ParallelPlan(comm_sms=20, **V3))
     fast = plan("deepseek-v3", ClusterSpec.preset("h800x2048", internode_gbps=100.0), ParallelPlan(comm_sms=20, **V3))

@@ -53,6 +53,10 @@ def test_update_bias_single_rank():
     assert out.imbalance == [5 / 3, 1.0] and out.load.tolist() == [[5, 1, 3, 3], [0, 0, 0, 0]]
     with pytest.raises(ValueError, match="biases"):
         update_bias(bias, loads[:1], 0.1)
+    with pytest.raises(ValueError, match="gamma must be >= 0, got -0.1"):
+        update_bias(bias, loads, -0.1)
+    with pytest.raises(ValueError, match=r"loads\[1\] the same shape, got \[4\] and \[5\]"):
+        update_bias(bias, [loads[0], torch.zeros(5, dtype=torch.int64)], 0.1)
 
 
 def _update_bias_rank(rank, world, loads):
@@ -113,6 +117,8 @@ def test_sequence_aux_loss_edges():
     assert float(sequence_aux_loss(torch.zeros(0, 4), torch.zeros(0, 2, dtype=torch.int64), 1.0)) == 0.0
     with pytest.raises(ValueError, match="seq_len"):
         sequence_aux_loss(torch.rand(6, 4), torch.zeros(6, 2, dtype=torch.int64), 1.0, seq_len=4)
+    with pytest.raises(ValueError, match=r"topk_idx \[T, K\], got \[6, 4\] and \[5, 2\]"):
+        sequence_aux_loss(torch.rand(6, 4), torch.zeros(5, 2, dtype=torch.int64), 1.0)
     # Perfect balance with uniform scores gives alpha * 1 (f_i = 1, sum P_i = 1).
     e = 4
     idx = torch.tensor([[0, 1], [2, 3]])

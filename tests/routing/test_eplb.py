@@ -12,6 +12,8 @@ def _check_consistent(weight, res, num_replicas, num_gpus):
     phy2log, log2phy, logcnt = res
     layers, num_log = weight.shape
     assert phy2log.shape == (layers, num_replicas)
+    # DeepSeek's EPLB: log2phy has room for all redundant slots on one expert, whatever the loads.
+    assert log2phy.shape == (layers, num_log, num_replicas - num_log + 1)
     assert logcnt.shape == (layers, num_log) and (logcnt >= 1).all()
     for li in range(layers):
         counts = torch.bincount(phy2log[li], minlength=num_log)

@@ -9,7 +9,7 @@ per-expert segments) -> Buffer.combine -> + shared experts. World size 1 runs no
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -107,6 +107,35 @@ class MoE(nn.Module):
         waits for the event itself. Yields nothing at world size 1 or with ``async_finish=False``.
         Returns (``StopIteration.value``) the output, identical to ``forward``'s.
         """
+        return (yield from self._steps(hidden_states, async_finish, None))
+
+    def forward_steps_cut(self, hidden_states: torch.Tensor, link: Callable, async_finish: bool = True,
+                          cut: tuple[str, ...] = ("dispatch", "combine")) -> Iterator:
+        """:meth:`forward_steps` with the autograd graph cut at the Buffer, for schedules that also run the
+        *backward's* dispatch/combine themselves (``moekit.pipeline.MoEStage``).
+
+        The transfers named in ``cut`` run on detached tensors (no Buffer autograd), and ``link`` joins
+        the graph again once each has completed; what it returns is what the forward goes on with:
+
+        - ``link("dispatch", buffer, handle, (x, topk_weights), (recv_x, recv_topk_weights), recv_topk_idx)``
+          → ``(recv_x, recv_topk_weights)``: x ``[T, H]``, topk_weights ``[T, K]`` fp32 (gate outputs, in
+          the graph), recv_x ``[M, H]`` in x's dtype (dequantized when ``dispatch_fp8``), recv_topk_*
+          ``[M, K]`` as ``Buffer.dispatch`` returns them. Its backward must combine the gradients home.
+        - ``link("combine", buffer, handle, (expert_out,), (combined,), None)`` → ``(combined,)``:
+          expert_out ``[M, H]`` (in the graph), combined ``[T, H]``. Its backward must dispatch the
+          gradient along ``handle`` (an FP8 handle after an FP8 dispatch).
+
+        A transfer not in ``cut`` keeps the Buffer's own autograd. Without a Buffer (world size 1)
+        ``link`` is never called and this is :meth:`forward_steps`. Yields and returns as
+        :meth:`forward_steps`; the output is identical to ``forward``'s.
+        """
+        unknown = set(cut) - {"dispatch", "combine"}
+        if unknown:
+            raise ValueError(f"forward_steps_cut: cut names 'dispatch' and/or 'combine', got {sorted(unknown)}")
+        return (yield from self._steps(hidden_states, async_finish, link, tuple(cut)))
+
+    def _steps(self, hidden_states: torch.Tensor, async_finish: bool, link: Callable | None,
+               cut: tuple[str, ...] = ()) -> Iterator:
         shape = hidden_states.shape
         h = self.config.hidden_size
         if shape[-1] != h:
@@ -123,7 +152,10 @@ class MoE(nn.Module):
             y = self.experts(xe, topk_idx, topk_weights)
         else:
             kw = dict(async_finish=True) if async_finish else {}
-            d = self.buffer.dispatch(x, topk_idx, topk_weights, self.config.n_routed_experts, fp8=fp8, **kw)
+            # A cut transfer sees detached tensors: the Buffer's own autograd stays out of the graph.
+            cut_dispatch, cut_combine = link is not None and "dispatch" in cut, link is not None and "combine" in cut
+            xd, wd = (x.detach(), topk_weights.detach()) if cut_dispatch else (x, topk_weights)
+            d = self.buffer.dispatch(xd, topk_idx, wd, self.config.n_routed_experts, fp8=fp8, **kw)
             if async_finish:
                 yield d.event
                 d.event.wait()
@@ -131,13 +163,20 @@ class MoE(nn.Module):
             if fp8 and isinstance(recv_x, (tuple, list)):  # (a buffer without FP8 returns a tensor)
                 from ..ep.fp8 import dequantize_1x128
 
-                recv_x = _FP8DispatchGrad.apply(x, dequantize_1x128(*recv_x).to(x.dtype), self.buffer, d.handle)
-            expert_out = self.experts(recv_x, d.recv_topk_idx, d.recv_topk_weights,
-                                      list(d.num_recv_tokens_per_expert_list))
-            y, event = self.buffer.combine(expert_out, d.handle, **kw)
+                recv_x = dequantize_1x128(*recv_x).to(x.dtype)
+                if not cut_dispatch:
+                    recv_x = _FP8DispatchGrad.apply(x, recv_x, self.buffer, d.handle)
+            recv_w = d.recv_topk_weights
+            if cut_dispatch:
+                recv_x, recv_w = link("dispatch", self.buffer, d.handle, (x, topk_weights), (recv_x, recv_w),
+                                      d.recv_topk_idx)
+            expert_out = self.experts(recv_x, d.recv_topk_idx, recv_w, list(d.num_recv_tokens_per_expert_list))
+            y, event = self.buffer.combine(expert_out.detach() if cut_combine else expert_out, d.handle, **kw)
             if async_finish:
                 yield event
                 event.wait()
+            if cut_combine:
+                (y,) = link("combine", self.buffer, d.handle, (expert_out,), (y,), None)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         alpha = self.config.seq_aux_loss_alpha

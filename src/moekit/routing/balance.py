@@ -91,6 +91,12 @@ def update_bias(biases: list[torch.Tensor], loads: list[torch.Tensor], gamma: fl
     """
     if len(biases) != len(loads):
         raise ValueError(f"update_bias: {len(biases)} biases but {len(loads)} loads")
+    if not gamma >= 0:  # also rejects NaN: a negative gamma would push load *towards* overloaded experts
+        raise ValueError(f"update_bias: gamma must be >= 0, got {gamma}")
+    for i, (b, x) in enumerate(zip(biases, loads)):
+        if b.dim() != 1 or tuple(x.shape) != tuple(b.shape):
+            raise ValueError(f"update_bias: biases[{i}] must be [E] and loads[{i}] the same shape, got "
+                             f"{list(b.shape)} and {list(x.shape)}")
     if not biases:
         return BiasUpdate(torch.zeros(0, 0, dtype=torch.int64), [])
     load = torch.stack([x.to(torch.int64) for x in loads])  # [L, E]
@@ -113,6 +119,9 @@ def sequence_aux_loss(scores: torch.Tensor, topk_idx: torch.Tensor, alpha: float
     ``norm=False`` for softmax scores). Differentiable through ``scores``; ``f`` is a constant.
     Returns a 0-dim fp32 tensor (0 for zero tokens).
     """
+    if scores.dim() != 2 or topk_idx.dim() != 2 or topk_idx.shape[0] != scores.shape[0]:
+        raise ValueError(f"sequence_aux_loss: scores must be [T, E] and topk_idx [T, K], got "
+                         f"{list(scores.shape)} and {list(topk_idx.shape)}")
     t, e = scores.shape
     k = topk_idx.shape[1]
     if t == 0:

@@ -20,7 +20,7 @@ import torch
 
 class EPLBResult(NamedTuple):
     phy2log: torch.Tensor  # [L, P] int64: the logical expert in each physical slot
-    log2phy: torch.Tensor  # [L, E, max_replicas] int64: the slots of each logical expert, padded with -1
+    log2phy: torch.Tensor  # [L, E, P - E + 1] int64: the slots of each logical expert, padded with -1
     logcnt: torch.Tensor  # [L, E] int64: replicas of each logical expert (>= 1)
 
 
@@ -125,8 +125,8 @@ def rebalance_experts(weight: torch.Tensor, num_replicas: int, num_groups: int, 
         num_gpus: GPUs in all, a multiple of ``num_nodes``.
 
     Returns:
-        ``EPLBResult(phy2log [L, P], log2phy [L, E, max_replicas] padded with -1, logcnt [L, E])``,
-        int64 on the CPU (``[E]`` input gives ``[P]``, ``[E, r]``, ``[E]``).
+        ``EPLBResult(phy2log [L, P], log2phy [L, E, P - E + 1] padded with -1, logcnt [L, E])``,
+        int64 on the CPU (``[E]`` input gives ``[P]``, ``[E, P - E + 1]``, ``[E]``).
     """
     if not isinstance(weight, torch.Tensor) or weight.dim() not in (1, 2):
         raise ValueError(f"weight must be a [layers, experts] or [experts] tensor, got "
@@ -151,7 +151,9 @@ def rebalance_experts(weight: torch.Tensor, num_replicas: int, num_groups: int, 
         phy2log, phyrank, logcnt = _hierarchical(weight, num_replicas, num_groups, num_nodes, num_gpus)
     else:
         phy2log, phyrank, logcnt = _hierarchical(weight, num_replicas, 1, 1, num_gpus)
-    max_rep = int(logcnt.max())
+    # As DeepSeek's EPLB: room for every redundant slot on one expert, so the shape depends only on the
+    # arguments (a caller can preallocate it, e.g. for a CUDA graph), not on the loads.
+    max_rep = num_replicas - num_log + 1
     layers = weight.shape[0]
     log2phy = torch.full((layers, num_log, max_rep), -1, dtype=torch.int64)
     slots = torch.arange(num_replicas, dtype=torch.int64).expand(layers, -1)
