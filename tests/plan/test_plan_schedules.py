@@ -127,9 +127,9 @@ def test_stage_costs_sum_layers():
 @pytest.mark.parametrize("schedule, p, n", [("1f1b", 4, 6), ("dualpipe", 4, 8), ("dualpipe", 8, 20),
                                             ("dualpipev", 2, 4), ("dualpipev", 4, 11)])
 def test_orders_are_the_runtime_pipelines_programs(schedule, p, n):
-    # The planner keeps its own copy of the schedules (data only); it must time exactly what moekit.pipeline
-    # runs (whose op order tests/pipeline/test_schedules.py pins against DeepSeek's eight steps). The planner's
-    # chunk is the phase (0: the direction fed at the rank's end); the runtime's module is phase ^ second half.
+    # The planner must time exactly what moekit.pipeline runs (whose op order tests/pipeline/test_schedules.py
+    # pins against DeepSeek's eight steps). The planner's chunk is the phase (0: the direction fed at the
+    # rank's end); the runtime's module is phase ^ second half.
     from moekit.pipeline.schedules import program
 
     for r, order in enumerate(rank_orders(schedule, p, n)):

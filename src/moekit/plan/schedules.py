@@ -1,8 +1,8 @@
 """Pipeline schedules as per-rank orders of phases, for the planner's simulator.
 
-Independent of ``moekit.pipeline``'s runtime: here a schedule is only *data* — for each pipeline rank
-the ordered list of ``Op``s it runs, and where each (rank, local chunk) sits in the model — so the
-simulator can time it. Three schedules:
+Here a schedule is only *data* — for each pipeline rank the ordered list of ``Op``s it runs (taken from
+``moekit.pipeline.schedules.program``, the programs the runtime executes), and where each (rank, local
+chunk) sits in the model — so the simulator can time it. Three schedules:
 
 - ``1f1b``: P ranks, stage r on rank r; warm-up ``P-1-r`` forwards, steady F/B pairs, cool-down.
   Backwards are full (input + weight gradients in one op).
@@ -17,7 +17,7 @@ Analytic bubbles (REFERENCE.md / the DualPipe README, where B is the *full* back
 ``1F1B: (P-1)(F+B)``; ``DualPipe: (P/2-1)(F&B + B - 3W)``; ``DualPipeV on P devices:
 (P-1)(F&B + B - 3W)`` (the README's PP there counts the 2P stages). The simulator reproduces them
 exactly as the largest per-rank idle time when stage costs are uniform, point-to-point is free,
-``F == B_in``, ``W <= F`` and ``max(F, B) <= F&B <= F + B`` (tests/plan/test_schedules.py); outside that
+``F == B_in``, ``W <= F`` and ``max(F, B) <= F&B <= F + B`` (tests/plan/test_plan_schedules.py); outside that
 regime the formulas are approximations (e.g. they go negative for large W).
 """
 
@@ -98,51 +98,21 @@ def layout(schedule: str, num_ranks: int) -> Layout:
 
 
 def rank_orders(schedule: str, num_ranks: int, num_microbatches: int) -> list[list[Op]]:
-    """Per-rank op orders. ``num_microbatches`` counts all micro-batches of one pipeline (both directions)."""
+    """Per-rank op orders. ``num_microbatches`` counts all micro-batches of one pipeline (both directions).
+
+    These are exactly the programs that ``moekit.pipeline`` runs (``moekit.pipeline.schedules.program``),
+    renamed to the planner's chunks: chunk 0 is the direction fed at the rank's own end, so in DualPipe's
+    second half the runtime's module index is flipped.
+    """
+    from moekit.pipeline.schedules import program
+
     check_schedule(schedule, num_ranks, num_microbatches)
-    if schedule == "1f1b":
-        return [_order_1f1b(num_ranks, r, num_microbatches) for r in range(num_ranks)]
-    if schedule == "dualpipe":
-        half = num_ranks // 2
-        return [_order_dual(half, min(r, num_ranks - 1 - r), num_microbatches // 2) for r in range(num_ranks)]
-    return [_order_dual(num_ranks, r, num_microbatches) for r in range(num_ranks)]
-
-
-def _order_1f1b(p: int, r: int, n: int) -> list[Op]:
-    warm = min(p - 1 - r, n)
-    order = [Op("F", 0)] * warm
-    for _ in range(n - warm):
-        order += [Op("F", 0), Op("B", 0)]
-    return order + [Op("B", 0)] * warm
-
-
-def _order_dual(nh: int, hr: int, nc: int) -> list[Op]:
-    """The eight DualPipe steps for a rank at ``hr`` of ``nh`` (half-)ranks, ``nc`` micro-batches per chunk."""
-    f0, f1 = Op("F", 0), Op("F", 1)
-    o: list[Op] = []
-    o += [f0] * (2 * (nh - hr - 1))                                  # 1: nF0
-    o += [f0, f1] * (hr + 1)                                         # 2: nF0F1
-    o += [Op("B", 1, True), Op("W", 1), f1] * (nh - hr - 1)          # 3: nB1W1F1 (split backward)
-    for i in range(nc - 2 * nh + hr + 1):                            # 4: nF0B1F1B0 (main step)
-        if i == 0 and hr == nh - 1:
-            o += [f0, Op("B", 1)]                                    # the turning rank: not overlapped
-        else:
-            o.append(Op("FB", 0, chunk_b=1))
-        o.append(Op("FB", 1, chunk_b=0))
-    for _ in range(nh - hr - 1):                                     # 5: nB1F1B0
-        o += [Op("B", 1), Op("FB", 1, chunk_b=0)]
-    split = False                                                    # 6: nB1B0, second half split
-    steps = hr + 1
-    for i in range(steps):
-        if i == steps // 2 and hr % 2 == 1:
-            split = True
-        o.append(Op("B", 1, split))
-        if i == steps // 2 and hr % 2 == 0:
-            split = True
-        o.append(Op("B", 0, split))
-    o += [Op("W", 0), Op("B", 0, True)] * (nh - hr - 1)              # 7: nWB0
-    o += [Op("W", 0)] * (hr + 1)                                     # 8: nW
-    return o
+    orders = []
+    for r in range(num_ranks):
+        flip = int(schedule == "dualpipe" and r >= num_ranks // 2)
+        orders.append([Op(op.kind, op.module ^ flip, op.zb, None if op.module_b is None else op.module_b ^ flip)
+                       for op in program(schedule, r, num_ranks, num_microbatches)])
+    return orders
 
 
 def bubble_formula(schedule: str, num_ranks: int, f: float, b: float, w: float, fb: float) -> float:
