@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 import torch
 
-from .checks import FLOAT_DTYPES, check_expert_range
+from .checks import FLOAT_DTYPES, check_expert_range, check_num_experts, check_routing
 from .errors import OK, STATUS_INTS, Code, InputError, Status, dtype_code, first_failure, meta_mismatch, raise_status
 from .event import EventOverlap
 from .fp8 import FP8_DTYPE, num_scale_cols, quantize_1x128
@@ -98,18 +98,8 @@ def _check_dispatch(x, topk_idx, capacity, num_experts, use_fp8: bool, num_ranks
     t, h = x.shape
     if h < 1:
         raise InputError(Code.EMPTY_HIDDEN)
-    if not isinstance(topk_idx, torch.Tensor):
-        raise InputError(Code.IDX_DTYPE, dtype_code(None))
-    if topk_idx.dim() != 2 or topk_idx.shape[1] < 1:
-        raise InputError(Code.IDX_NDIM, topk_idx.dim())
-    if topk_idx.dtype != torch.int64:
-        raise InputError(Code.IDX_DTYPE, dtype_code(topk_idx.dtype))
-    if topk_idx.shape[0] != t:
-        raise InputError(Code.NUM_TOKENS, t, topk_idx.shape[0])
-    if topk_idx.device != x.device:
-        raise InputError(Code.DEVICE)
-    if not _is_int(num_experts) or num_experts <= 0 or num_experts % num_ranks:
-        raise InputError(Code.NUM_EXPERTS, num_experts if _is_int(num_experts) else -1, num_ranks)
+    check_routing(topk_idx, None, t, x.device)
+    check_num_experts(num_experts, num_ranks)
     if not _is_int(capacity) or t > capacity or capacity < 1:
         raise InputError(Code.LL_CAPACITY, t, capacity if _is_int(capacity) else -1)
     if use_fp8 and h % 128:

@@ -23,6 +23,15 @@ from ..routing.gate import Gate
 from .experts import MLP, RoutedExperts
 
 
+def run_steps(steps: Iterator):
+    """Run a ``forward_steps``-style generator to its end without overlapping anything; its return value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as stop:
+            return stop.value
+
+
 class MoE(nn.Module):
     """A DeepSeek-V3 MoE block (HF's ``DeepseekV3MoE``) with its routed experts sharded over ``group``.
 
@@ -92,12 +101,7 @@ class MoE(nn.Module):
         In training with ``seq_aux_loss_alpha > 0`` the aux loss is attached to the output's graph (it
         trains without being added to the user's loss) and kept detached in ``self.aux_loss``.
         """
-        steps = self.forward_steps(hidden_states, async_finish=False)
-        while True:
-            try:
-                next(steps)
-            except StopIteration as stop:
-                return stop.value
+        return run_steps(self.forward_steps(hidden_states, async_finish=False))
 
     def forward_steps(self, hidden_states: torch.Tensor, async_finish: bool = True) -> Iterator:
         """:meth:`forward` as a generator, for schedules that overlap communication with other work.

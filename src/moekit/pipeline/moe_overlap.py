@@ -41,6 +41,7 @@ import torch
 import torch.nn as nn
 
 from .. import dist as mdist
+from ..moe.layer import run_steps
 from .timeline import PhaseRecord
 from .utils import run_backward
 
@@ -116,12 +117,7 @@ class MoEStage(nn.Module):
         self._n_fwd = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        steps = self._forward_steps(x, async_finish=False)
-        while True:
-            try:
-                next(steps)
-            except StopIteration as stop:
-                return stop.value
+        return run_steps(self._forward_steps(x, async_finish=False))
 
     def _forward_steps(self, x: torch.Tensor, async_finish: bool = True):
         for blk in self.blocks:
