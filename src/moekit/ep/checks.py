@@ -44,6 +44,11 @@ def check_x(x) -> XInfo:
         if scales.device != data.device:
             raise InputError(Code.DEVICE)
         return XInfo(data, scales, t, h)
+    return check_float_x(x)
+
+
+def check_float_x(x) -> XInfo:
+    """``x`` must be a ``[T, H]`` bf16/fp16/fp32 tensor with H >= 1."""
     if not isinstance(x, torch.Tensor):
         raise InputError(Code.X_TYPE)
     if x.dim() != 2:

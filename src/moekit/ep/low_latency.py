@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 import torch
 
-from .checks import FLOAT_DTYPES, check_expert_range, check_num_experts, check_routing
+from .checks import FLOAT_DTYPES, check_expert_range, check_float_x, check_num_experts, check_routing
 from .errors import OK, STATUS_INTS, Code, InputError, Status, dtype_code, first_failure, meta_mismatch, raise_status
 from .event import EventOverlap
 from .fp8 import FP8_DTYPE, num_scale_cols, quantize_1x128
@@ -89,15 +89,8 @@ def _is_int(v) -> bool:
 
 def _check_dispatch(x, topk_idx, capacity, num_experts, use_fp8: bool, num_ranks: int) -> _Sizes:
     """Shape/dtype checks (no value checks); raises InputError. Returns the sizes of the block."""
-    if not isinstance(x, torch.Tensor):
-        raise InputError(Code.X_TYPE)
-    if x.dim() != 2:
-        raise InputError(Code.X_NDIM, x.dim())
-    if x.dtype not in FLOAT_DTYPES:
-        raise InputError(Code.X_DTYPE, dtype_code(x.dtype))
+    check_float_x(x)
     t, h = x.shape
-    if h < 1:
-        raise InputError(Code.EMPTY_HIDDEN)
     check_routing(topk_idx, None, t, x.device)
     check_num_experts(num_experts, num_ranks)
     if not _is_int(capacity) or t > capacity or capacity < 1:
