@@ -1,6 +1,7 @@
 """Expert-parallel communication: dispatch tokens to the ranks of their experts and combine them back."""
 
 from .buffer import Buffer, CombineOutput, DispatchOutput
+from .errors import PeerTimeout
 from .event import EventOverlap
 from .handle import DispatchHandle
 from .layout import DispatchLayout, get_dispatch_layout
@@ -9,5 +10,6 @@ from .naive import NaiveBuffer
 from .stats import Traffic, TrafficStats
 
 __all__ = ["Buffer", "CombineOutput", "DispatchHandle", "DispatchLayout", "DispatchOutput", "EventOverlap",
-           "LowLatencyCombineOutput", "LowLatencyDispatchOutput", "LowLatencyHandle", "NaiveBuffer", "Traffic",
+           "LowLatencyCombineOutput", "LowLatencyDispatchOutput", "LowLatencyHandle", "NaiveBuffer", "PeerTimeout",
+           "Traffic",
            "TrafficStats", "get_dispatch_layout"]

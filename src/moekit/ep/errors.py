@@ -208,3 +208,20 @@ class InputError(Exception):
 
     def status(self, rank: int) -> Status:
         return Status(int(self.code), rank, self.a, self.b, self.c)
+
+
+class PeerTimeout(RuntimeError):
+    """A bounded wait of moekit's ran out: some peers never arrived (dead, or alive but not calling).
+
+    Raised by every wait of the expert-parallel transports (collective works, symmetric-memory flags)
+    once the Buffer's ``timeout`` has passed. ``ranks`` are the group ranks that did not arrive (empty
+    when the transport cannot tell which); ``op`` is the call that waited. After a timeout the group's
+    state is unknown: the process group (and the Buffer) must be rebuilt.
+    """
+
+    def __init__(self, op: str, ranks, timeout_s: float, detail: str = ""):
+        self.op, self.ranks, self.timeout_s = op, tuple(int(r) for r in ranks), float(timeout_s)
+        who = f"rank(s) {list(self.ranks)}" if self.ranks else "some peer(s)"
+        msg = (f"{op}: {who} did not arrive within {self.timeout_s:g} s (dead, or not calling {op}); "
+               "the process group must be rebuilt (destroy_process_group + init_process_group, then a new Buffer)")
+        super().__init__(msg + (f" [{detail}]" if detail else ""))
