@@ -70,6 +70,9 @@ class DispatchHandle:
     # The dispatch's routing, sent again by a cached dispatch that passes none (the row size is fixed).
     topk_idx: torch.Tensor | None = None  # [T, K] int32 global expert ids
     topk_weights: torch.Tensor | None = None  # [T, K] float32, when the dispatch had weights
+    # > 0: the dispatch returned fixed-size outputs of this many rows (DeepEP's num_worst_tokens); combine
+    # then takes that many rows (only the first num_recv_tokens are sent).
+    num_worst_tokens: int = 0
 
     @property
     def num_ranks(self) -> int:
