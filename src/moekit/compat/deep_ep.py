@@ -464,7 +464,8 @@ class Buffer:
             return Handle((prefix, None, None, None, h.is_token_in_rank, None), h)
         rdma = None
         if h.hier is not None:
-            rdma = torch.tensor(list(h.hier.s1_recv_counts), dtype=torch.int32, device=device).cumsum(0, dtype=torch.int32)
+            rdma = torch.tensor(list(h.hier.s1_recv_counts), dtype=torch.int32, device=device)
+            rdma = rdma.cumsum(0, dtype=torch.int32)
         gbl = recv.cumsum(0, dtype=torch.int32)
         return Handle((h.is_token_in_rank, None, None, None, rdma, None, gbl, None, None, None), h)
 
