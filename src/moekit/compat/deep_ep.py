@@ -457,7 +457,9 @@ class Buffer:
         recv = torch.tensor(list(h.recv_counts), dtype=torch.int32, device=device)  # [R] rows from each source
         if not self._internode:
             # rank_prefix_matrix[s, d]: rows sources 0..s send to d (inclusive prefix): every rank's send counts.
-            mine = torch.tensor(list(h.send_counts), dtype=torch.int64)
+            # (gloo gathers host tensors, NCCL device ones)
+            on = torch.device("cpu") if self._backend == "gloo" else device
+            mine = torch.tensor(list(h.send_counts), dtype=torch.int64, device=on)
             rows = [torch.zeros_like(mine) for _ in range(self.group_size)]
             dist.all_gather(rows, mine, group=self.group)
             prefix = torch.stack(rows).cumsum(0).to(torch.int32).to(device)
