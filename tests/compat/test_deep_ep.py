@@ -95,6 +95,14 @@ def _normal_rank(rank, world, ranks_per_node):
                         ev.current_stream_wait()
                     assert nones == [None] * 4
                     assert torch.equal(dequant(*cx) if is_pair else cx.float(), got_x)
+                    # DeepEP's tuning loops reuse a handle with the other format (FP8 <-> BF16).
+                    other = x_rank if is_pair else x_fp8
+                    ox, *_, ev = buffer.dispatch(x=other, handle=handle, async_finish=async_mode)
+                    if async_mode:
+                        ev.current_stream_wait()
+                    want_x = received(ref_inputs, 1, experts, world, rank, False)[0].float()
+                    want_x = dequant(*fp8_pair(want_x)) if not is_pair else want_x
+                    assert torch.equal(dequant(*ox) if not is_pair else ox.float(), want_x)
 
                 # Combine: the plain sum over the ranks the token reached (+ two biases), weights likewise.
                 combine_in = got_x.bfloat16()

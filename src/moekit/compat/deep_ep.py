@@ -433,8 +433,17 @@ class Buffer:
             if topk_idx is not None or topk_weights is not None:
                 raise ValueError("a cached dispatch (handle=...) takes no topk_idx / topk_weights")
             h = _moekit_handle(handle, "dispatch")
-            out = buf.dispatch(x, None, None, None, handle=h, async_finish=async_finish,
-                               num_worst_tokens=num_worst_tokens)
+            if isinstance(x, (tuple, list)) != h.fp8:
+                # DeepEP's cached dispatch may switch between BF16 and FP8 rows; a moekit handle fixes its
+                # row format, so this dispatches anew along the handle's routing (the same rows in the
+                # same order; one counts exchange more). Every rank must switch alike, as in DeepEP.
+                per_expert = torch.zeros(h.num_experts, dtype=torch.int64, device=h.is_token_in_rank.device)
+                out = buf.dispatch(x, None, None, None, is_token_in_rank=h.is_token_in_rank,
+                                   num_tokens_per_expert=per_expert, async_finish=async_finish,
+                                   num_worst_tokens=num_worst_tokens or h.num_worst_tokens)
+            else:
+                out = buf.dispatch(x, None, None, None, handle=h, async_finish=async_finish,
+                                   num_worst_tokens=num_worst_tokens)
             return out.recv_x, None, None, None, None, self._event(out.event)
         missing = [n for n, v in (("num_tokens_per_rank", num_tokens_per_rank), ("is_token_in_rank", is_token_in_rank),
                                   ("num_tokens_per_expert", num_tokens_per_expert)) if v is None]
