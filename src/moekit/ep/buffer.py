@@ -40,7 +40,7 @@ class DispatchOutput(NamedTuple):
     recv_x: torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # [M, H], or (e4m3 [M, H], fp32 scales [M, H/128])
     recv_topk_idx: torch.Tensor | None  # [M, K] int64 local expert ids, -1 for experts on other ranks
     recv_topk_weights: torch.Tensor | None  # [M, K] float32, 0 where recv_topk_idx is -1
-    num_recv_tokens_per_expert_list: list[int]  # [E / R] python ints, each rounded up to expert_alignment
+    num_recv_tokens_per_expert_list: list[int]  # [E / R] python ints rounded up to expert_alignment ([] w/ worst)
     handle: DispatchHandle
     event: EventOverlap
 
