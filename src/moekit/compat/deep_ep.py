@@ -42,8 +42,8 @@ class Config:
     """DeepEP's performance config of the normal kernels (``deep_ep.Config``).
 
     ``num_sms`` is the SM budget: where moekit's communication runs as NCCL collectives it caps the
-    communicators' CTAs (fixed when the Buffer is built: a call's ``config.num_sms`` must then equal
-    ``Buffer.num_sms`` at construction); on gloo there are no SMs and it is only recorded. The chunk
+    communicators' CTAs (communicators per budget, created on first use: collective over the world);
+    on gloo there are no SMs and it is only recorded (``0`` = the Buffer's own). The chunk
     sizes size DeepEP's ring buffers; moekit streams no chunks, so they only enter the buffer-size
     hints below (which the Buffer checks against ``num_nvl_bytes`` / ``num_rdma_bytes``).
     """
@@ -273,6 +273,7 @@ class Buffer:
         self._built_num_sms = type(self).num_sms
         self._buffer = _mbuf.Buffer(group, num_sms=self._built_num_sms)
         self._combine_buffers: dict[tuple, torch.Tensor] = {}
+        self._by_num_sms: dict[int, _mbuf.Buffer] = {}
 
     # ---- class-level settings -------------------------------------------------------------------
     @staticmethod
@@ -334,7 +335,7 @@ class Buffer:
         if not self.explicitly_destroy:
             raise RuntimeError("destroy() needs a Buffer built with explicitly_destroy=True")
         self._live()
-        self._buffer, self._combine_buffers = None, {}
+        self._buffer, self._combine_buffers, self._by_num_sms = None, {}, {}
 
     # ---- helpers --------------------------------------------------------------------------------
     def _live(self) -> _mbuf.Buffer:
@@ -346,13 +347,22 @@ class Buffer:
     def _internode(self) -> bool:
         return self._live().layout.num_nodes > 1
 
+    def _buffer_for(self, config: Config) -> _mbuf.Buffer:
+        """The moekit.Buffer whose communication uses ``config.num_sms``: on NCCL one per SM budget (its
+        communicators capped to that many CTAs; created on first use, collectively over the world, as
+        DeepEP requires every rank to pass the same config); elsewhere there are no SMs to budget."""
+        buf = self._live()
+        if self._backend != "nccl" or config.num_sms in (0, self._built_num_sms):
+            return buf
+        if config.num_sms not in self._by_num_sms:
+            self._by_num_sms[config.num_sms] = _mbuf.Buffer(self.group, num_sms=config.num_sms,
+                                                            ranks_per_node=buf.layout.ranks_per_node)
+        return self._by_num_sms[config.num_sms]  # (its handles are interchangeable: same group and layout)
+
     def _check_config(self, config, hidden_bytes: int, default: Callable[[int], Config]) -> Config:
         config = default(self.group_size) if config is None else config
         if not isinstance(config, Config):
             raise TypeError(f"config must be a deep_ep Config, got {type(config).__name__}")
-        if self._backend == "nccl" and config.num_sms != self._built_num_sms:
-            raise ValueError(f"config.num_sms={config.num_sms}: this Buffer's NCCL communicators were built for "
-                             f"num_sms={self._built_num_sms} (call Buffer.set_num_sms before constructing it)")
         need = config.get_nvl_buffer_size_hint(hidden_bytes, self.group_size)
         if need > self.num_nvl_bytes:
             raise ValueError(f"num_nvl_bytes={self.num_nvl_bytes} is too small: this call needs {need} "
@@ -427,7 +437,8 @@ class Buffer:
         data = x[0] if isinstance(x, (tuple, list)) else x
         if not isinstance(data, torch.Tensor) or data.dim() != 2:
             raise ValueError("x must be a [num_tokens, hidden] tensor or an (fp8 data, scales) pair")
-        self._check_config(config, data.shape[1] * data.element_size(), self.get_dispatch_config)
+        buf = self._buffer_for(self._check_config(config, data.shape[1] * data.element_size(),
+                                                  self.get_dispatch_config))
         _wait_previous(previous_event)
         if handle is not None:
             if topk_idx is not None or topk_weights is not None:
@@ -500,7 +511,7 @@ class Buffer:
         h = _moekit_handle(handle, "combine")
         if not isinstance(x, torch.Tensor) or x.dim() != 2:
             raise ValueError("x must be a [num_recv_tokens, hidden] tensor")
-        self._check_config(config, x.shape[1] * x.element_size(), self.get_combine_config)
+        buf = self._buffer_for(self._check_config(config, x.shape[1] * x.element_size(), self.get_combine_config))
         _wait_previous(previous_event)
         out = buf.combine(x, h, topk_weights=topk_weights, bias=bias, async_finish=async_finish)
         if topk_weights is None:
