@@ -203,9 +203,9 @@ def _low_latency_rank(rank, world):
     return True
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_low_latency_like_deepep_tests(world):
-    assert all(spawn(_low_latency_rank, world))
+@pytest.mark.parametrize("world, ranks_per_node", [(2, 2), (4, 2)])
+def test_low_latency_like_deepep_tests(world, ranks_per_node):
+    assert all(spawn(_low_latency_rank, world, ranks_per_node=ranks_per_node))
 
 
 def _errors_rank(rank, world):
