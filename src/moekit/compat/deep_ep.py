@@ -224,7 +224,8 @@ class Buffer:
     """DeepEP's legacy ``deep_ep.Buffer`` over :class:`moekit.Buffer` (normal and low-latency modes).
 
     Args (DeepEP's):
-        group: the expert-parallel process group (required, as in DeepEP; ``comm`` (mpi4py) is not supported).
+        group: the expert-parallel process group (None: the world group; DeepEP requires one). ``comm``
+            (an mpi4py communicator) is not supported: passing one raises ValueError.
         num_nvl_bytes: the capacity of the normal kernels' buffer: each dispatch/combine checks
             ``config.get_nvl_buffer_size_hint(H * x.element_size(), R) <= num_nvl_bytes`` and raises a
             ValueError naming ``num_nvl_bytes`` otherwise (never a silent reallocation). A multiple of 128.
