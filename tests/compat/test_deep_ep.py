@@ -257,6 +257,7 @@ def _errors_rank(rank, world):
     named(lambda: buffer.dispatch(x_rand, num_tokens_per_rank=per_rank), "is_token_in_rank")
     named(lambda: buffer.dispatch(x_rand, **lay, allocate_on_comm_stream=True), "allocate_on_comm_stream")
     named(lambda: buffer.low_latency_update_mask_buffer(0, True), "enable_shrink", NotImplementedError)
+    named(lambda: deep_ep.Buffer(dist.group.WORLD, 128 * (1 + rank)), "same on every rank")
     named(lambda: deep_ep.Buffer.set_num_sms(3), "new_num_sms")
     named(lambda: deep_ep.Config(20, 8, 8), "num_max_nvl_chunked_send_tokens")
     # The hook and the `with` form of EventOverlap.

@@ -266,6 +266,14 @@ class Buffer:
         self.group = group
         self.rank = dist.get_rank(group)
         self.group_size = dist.get_world_size(group)
+        # The capacities decide which calls raise locally: they must agree, checked on every rank.
+        mine = (num_nvl_bytes, num_rdma_bytes, bool(low_latency_mode))
+        everyone = [None] * self.group_size
+        dist.all_gather_object(everyone, mine, group=group)
+        for r, theirs in enumerate(everyone):
+            if theirs != everyone[0]:
+                raise ValueError("num_nvl_bytes, num_rdma_bytes and low_latency_mode must be the same on every "
+                                 f"rank: rank 0 passes {everyone[0]}, rank {r} passes {theirs}")
         self.num_nvl_bytes, self.num_rdma_bytes = num_nvl_bytes, num_rdma_bytes
         self.low_latency_mode = bool(low_latency_mode)
         self.explicitly_destroy = bool(explicitly_destroy)
