@@ -25,7 +25,8 @@ def quantize_1x128(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     on GPU tensors, its torch reference on the CPU.
     """
     assert x.shape[-1] % TILE == 0, x.shape
-    data, scales = per_token_group_quant(x, TILE, scale_fmt="ue8m0")
+    # The wire stays OCP e4m3fn on every GPU (the FP8 checks of ep/ expect it); GEMMs on MI300 read fnuz.
+    data, scales = per_token_group_quant(x, TILE, scale_fmt="ue8m0", fp8_format="e4m3fn")
     return data, scales
 
 
