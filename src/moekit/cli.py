@@ -25,14 +25,18 @@ def _info_targets(as_json: bool) -> int:
     if as_json:
         print(json.dumps([r.as_dict() for r in rows], indent=1))
         return 0
-    t = Table(title="moekit kernels compiled per target (python -m moekit.kernels.targets; docs/portability.md)")
-    for c in targets.COLUMNS:
+    t = Table(title="moekit kernels compiled per target, no GPU involved (docs/portability.md)")
+    for c in targets.SUMMARY_HEADER:
         t.add_column(c)
     for r in rows:
-        style = None if targets.green(r) else "red"
-        t.add_row(*("" if getattr(r, c) in (None, []) else str(getattr(r, c)) for c in targets.COLUMNS), style=style)
-    Console(width=240).print(t)
-    return 0
+        if r.kind != "helper":
+            cells = [c.replace("**", "") for c in targets.summary_cells(r)]
+            t.add_row(*cells, style=None if targets.green(r) else "red")
+    console = Console(width=None if sys.stdout.isatty() else 200)
+    console.print(t)
+    helpers = sorted({r.kernel for r in rows if r.kind == "helper"})
+    console.print(f"device helpers (inlined into the kernels above): {', '.join(helpers)}; details: --json")
+    return 0 if all(targets.green(r) for r in rows) else 1
 
 
 def _info(args: argparse.Namespace) -> int:

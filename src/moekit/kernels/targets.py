@@ -145,8 +145,8 @@ class CompileSpec:
                    num_stages=config.num_stages, options=options, **kw)
 
     def describe(self) -> str:
-        keys = [k for k in self.constexprs if k.startswith(("BLOCK", "GROUP_M"))]
-        tile = ",".join(f"{k}={self.constexprs[k]}" for k in keys)
+        keys = [k for k in self.constexprs if k.startswith("BLOCK")]
+        tile = ",".join(f"{k.removeprefix('BLOCK_')}={self.constexprs[k]}" for k in keys)
         extra = "".join(f" {k}={v}" for k, v in self.options.items())
         return f"{tile} w{self.num_warps} s{self.num_stages}{extra}"
 
@@ -694,27 +694,55 @@ def green(row: TargetRow) -> bool:
     return not (TARGETS[row.target].vendor == "hip" and row.inline_ptx)
 
 
+SUMMARY_HEADER = ("kernel", "variant", "target", "ok", "regs", "spills", "shared", "occupancy", "tensor cores",
+                  "loads", "inline PTX", "fp8", "config / error")
+
+
+def _mma_family(mma: str | None) -> str:
+    first = (mma or "").split(",")[0]
+    for pre, short in (("wgmma", "wgmma"), ("tcgen05", "tcgen05"), ("mma.sync", "mma.sync")):
+        if first.startswith(pre):
+            return f"{short} {'e4m3' if 'e4m3' in first or 'f8f6f4' in first else first.rsplit('.', 2)[-2]}"
+    return first.removeprefix("v_mfma_f32_")
+
+
+def summary_cells(r: TargetRow) -> list[str]:
+    """One kernel row as the table's cells (:data:`SUMMARY_HEADER`), for Markdown and ``moekit info``."""
+    if not r.compiled:
+        return [r.kernel, r.variant, r.target, "**no**", "", "", "", "", "", "", "", r.fp8_format or "",
+                f"error: {r.error}"]
+    if not r.has_dot:
+        tc = "n/a (no dot)"
+    else:
+        tc = ("yes " if r.tensor_cores else "**no** ") + f"({_mma_family(r.mma)})"
+    loads = (f"{r.load_bytes} B" if r.load_bytes else "") + (" + TMA" if r.tma else "")
+    occ = f"{r.occupancy} ({r.occupancy_limit})" if r.occupancy is not None else ""
+    tail = f"{r.config}; {r.error}" if r.error else (r.config or "")
+    return [r.kernel, r.variant, r.target, "yes" if green(r) else "**no**", str(r.registers), str(r.spills),
+            str(r.shared), occ, tc, loads.strip(), ", ".join(r.inline_ptx) or "none", r.fp8_format or "", tail]
+
+
 def to_markdown(rows: list[TargetRow]) -> str:
-    """The table as Markdown (kernel rows; helpers listed with the kernels that inline them)."""
-    head = ["kernel", "variant", "target", "ok", "regs", "spills", "shared", "occ.", "tensor cores", "loads",
-            "inline PTX", "fp8", "config"]
-    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    """The table as Markdown: kernel rows, then one line per helper with the kernels that inline it."""
+    out = ["| " + " | ".join(SUMMARY_HEADER) + " |", "|" + "---|" * len(SUMMARY_HEADER)]
+    for r in rows:
+        if r.kind != "helper":
+            out.append("| " + " | ".join(c.replace("|", "\\|") for c in summary_cells(r)) + " |")
+    helpers: dict[str, list[TargetRow]] = {}
     for r in rows:
         if r.kind == "helper":
-            continue
-        if not r.compiled:
-            cells = [r.kernel, r.variant, r.target, "**no**", "", "", "", "", "", "", "", r.fp8_format or "",
-                     f"error: {r.error}"]
-        elif r.error:
-            cells = [r.kernel, r.variant, r.target, "**no**", str(r.registers), str(r.spills), str(r.shared), "0",
-                     "", "", "", r.fp8_format or "", f"{r.config}; {r.error}"]
-        else:
-            tc = "n/a" if not r.has_dot else (f"yes ({r.mma})" if r.tensor_cores else f"**no** ({r.mma})")
-            loads = f"{r.load_bytes} B" + (" + TMA" if r.tma else "") if r.load_bytes else ("TMA" if r.tma else "")
-            cells = [r.kernel, r.variant, r.target, "yes" if green(r) else "**no**", str(r.registers),
-                     str(r.spills), str(r.shared), f"{r.occupancy} ({r.occupancy_limit})", tc, loads,
-                     ", ".join(r.inline_ptx) or "none", r.fp8_format or "", r.config or ""]
-        out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+            helpers.setdefault(r.kernel, []).append(r)
+    if helpers:
+        out += ["", "Device helpers, inlined into the kernels (variants included) on the targets named:", ""]
+        for name, hs in helpers.items():
+            used = [h.target for h in hs if h.used_by]
+            callers = sorted({u.split("[")[0] for h in hs for u in h.used_by})
+            line = f"- `{name}`: " + (f"in {', '.join(callers)} on {', '.join(used)}" if used else "in no GPU build")
+            absent = sorted({h.error for h in hs if not h.used_by and h.error})
+            if absent:
+                others = [h.target for h in hs if not h.used_by]
+                line += f"; {', '.join(others)}: {'; '.join(absent)}"
+            out.append(line)
     return "\n".join(out)
 
 
