@@ -432,9 +432,10 @@ def _stderr_to(f):
 
 def _first_error(exc: BaseException, diagnostics: str) -> str:
     for line in diagnostics.splitlines():
-        m = re.search(r"error: (.*)", line)
+        m = re.search(r"(?:([^/\s]+:\d+:\d+): )?error: (.*)", line)
         if m:
-            return m.group(1).strip()[:240]
+            where = f"{m.group(1)}: " if m.group(1) else ""
+            return f"{where}{m.group(2).strip()}"[:240]
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     return f"{type(exc).__name__}: {lines[-1] if lines else ''}"[:240]
 
