@@ -133,6 +133,15 @@ def test_unregistered_function_gets_a_failing_row():
     assert "no compile spec" in stray[0].error and not targets.green(stray[0])
 
 
+def test_spec_for_a_missing_kernel_gets_a_failing_row(monkeypatch):
+    monkeypatch.setattr(targets, "_interpreted_kernels", lambda: False)  # no compiling: only the stale spec
+    monkeypatch.setattr(targets, "_SPECS", {"moekit.kernels.gemm._renamed_kernel": lambda t: None})
+    rows = targets.compile_matrix(["sm_90"])
+    stale = [r for r in rows if r.kernel == "_renamed_kernel"]
+    assert len(stale) == 1 and stale[0].compiled is False and "no such @triton.jit" in stale[0].error
+    assert not targets.green(stale[0])
+
+
 def test_discover_walks_new_modules(tmp_path, monkeypatch):
     pkg = tmp_path / "fakepkg"
     (pkg / "kernels").mkdir(parents=True)

@@ -3,14 +3,14 @@
 Triton's wheel carries both back ends' compilers (ptxas for NVIDIA, LLVM's AMDGPU target and lld for AMD),
 so ``triton.compile`` of an ``ASTSource`` for a ``GPUTarget`` needs no GPU. Targets:
 
-==========  ==========================  =====================  ==============
-target      GPUs                        ``GPUTarget``          FP8 format
-==========  ==========================  =====================  ==============
-``sm_90``   H100 / H200 / H800          ``("cuda", 90, 32)``   e4m3fn
-``sm_100``  B200                        ``("cuda", 100, 32)``  e4m3fn
-``gfx942``  MI300X / MI325X             ``("hip", gfx942, 64)`` e4m3fnuz
-``gfx950``  MI355X                      ``("hip", gfx950, 64)`` e4m3fn
-==========  ==========================  =====================  ==============
+==========  ===================  ===========================  ==========
+target      GPUs                 ``GPUTarget``                FP8 format
+==========  ===================  ===========================  ==========
+``sm_90``   H100 / H200 / H800   ``("cuda", 90, 32)``         e4m3fn
+``sm_100``  B200                 ``("cuda", 100, 32)``        e4m3fn
+``gfx942``  MI300X / MI325X      ``("hip", "gfx942", 64)``    e4m3fnuz
+``gfx950``  MI355X               ``("hip", "gfx950", 64)``    e4m3fn
+==========  ===================  ===========================  ==========
 
 Each kernel has a :class:`CompileSpec` per target: the argument types and the constexprs its launcher passes
 there, the first (preferred) config of the vendor's autotune list, and the specialisations DeepSeek-V3's
@@ -75,7 +75,7 @@ class Target:
     warp_size: int
     gpus: str
     num_sms: int  # SMs / CUs of the largest part: the persistent GEMMs' NUM_SMS
-    regs_per_sm: int  # 32-bit registers per SM (NVIDIA); VGPRs per SIMD lane budget is in the compiler's count
+    regs_per_sm: int  # 32-bit registers per SM (NVIDIA); 0 on AMD, where LLVM reports the occupancy itself
     smem_per_sm: int  # bytes of shared memory (NVIDIA) / LDS (AMD) per SM / CU
     smem_per_program: int  # the most one program may allocate (Triton refuses the launch above it)
     max_warps: int  # resident warps per SM (NVIDIA) / wavefronts per CU (AMD)
@@ -622,7 +622,12 @@ def compile_matrix(targets: list[str] | None = None, *, jobs: int = 1, timeout_s
     if _interpreted_kernels():
         return _matrix_in_child(names, jobs, timeout_s)
     found, _ = discover()
-    job_list = [(k, n, i) for k in registered() for n in names for i in range(len(_specs(k, TARGETS[n])))]
+    # A spec whose key names no jitted function (renamed, moved) must not pass silently.
+    stale = [TargetRow(k.rsplit(".", 1)[-1], n, module=k.rsplit(".", 1)[0], compiled=False,
+                       error=f"a compile spec is registered for {k}, but moekit has no such @triton.jit function")
+             for k in registered() if k not in found for n in names]
+    job_list = [(k, n, i) for k in registered() if k in found for n in names
+                for i in range(len(_specs(k, TARGETS[n])))]
     if jobs > 1 and len(job_list) > 1:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
@@ -631,7 +636,7 @@ def compile_matrix(targets: list[str] | None = None, *, jobs: int = 1, timeout_s
             kernel_rows = [TargetRow(**d) for d in pool.map(_job, job_list)]
     else:
         kernel_rows = [compile_row(k, _specs(k, TARGETS[n])[i], TARGETS[n], found) for k, n, i in job_list]
-    return _with_helper_rows(kernel_rows, found, names)
+    return stale + _with_helper_rows(kernel_rows, found, names)
 
 
 def _with_helper_rows(kernel_rows: list[TargetRow], found: dict[str, JitInfo], names: list[str]) -> list[TargetRow]:
