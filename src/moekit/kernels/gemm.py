@@ -76,7 +76,9 @@ def get_cuda_configs() -> list[triton.Config]:
 
 
 def get_hip_configs() -> list[triton.Config]:
-    """AMD (CDNA3): LDS holds two stages; no PTX."""
+    """AMD (CDNA3 / CDNA4): two stages, since NVIDIA's 4-stage 128x128 tile asks for 96 KB of LDS per program and
+    an MI300 CU has 64 KB (``moekit info --targets``, docs/portability.md). ``waves_per_eu`` and
+    ``matrix_instr_nonkdim`` stay at the compiler's defaults until an AMD device times them."""
     c = _config
     return [
         c({"BLOCK_M": 128, "BLOCK_N": 128, "GROUP_M": 8}, num_warps=8, num_stages=2),
