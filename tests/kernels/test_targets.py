@@ -14,7 +14,7 @@ import textwrap
 import pytest
 
 from moekit import cli
-from moekit.kernels import targets
+from moekit.kernels import _asm, targets
 from moekit.kernels.targets import TARGETS, JitInfo, TargetRow
 
 TARGET_NAMES = sorted(TARGETS)
@@ -168,18 +168,20 @@ def test_discover_walks_new_modules(tmp_path, monkeypatch):
 
 def test_asm_readers():
     ptx = "ld.global.v4.b32 {%r1, %r2, %r3, %r4}, [%rd1];\nld.global.b16 %h1, [%rd2];"
-    assert targets._ptx_loads(ptx) == (16, False)
-    assert targets._ptx_loads("cp.async.cg.shared.global [ %r88 + 0 ], [ %rd28 + 0 ], 0x10, %r89;") == (16, False)
-    assert targets._ptx_loads("cp.async.bulk.tensor.2d.shared::cluster.global ...;")[1]
-    assert targets._amd_loads("global_load_dwordx2 v[0:1], v[2:3], off\nbuffer_load_ushort v4") == 8
-    assert targets._amd_loads("global_load_lds_dwordx4 v1, s[0:1]") == 16
-    mma, ok = targets._mma("v_mfma_f32_32x32x8_f16 a[0:15]", TARGETS["gfx942"], ["f8E4M3FN"])
+    assert _asm.ptx_loads(ptx) == (16, False)
+    assert _asm.ptx_loads("cp.async.cg.shared.global [ %r88 + 0 ], [ %rd28 + 0 ], 0x10, %r89;") == (16, False)
+    assert _asm.ptx_loads("cp.async.bulk.tensor.2d.shared::cluster.global ...;")[1]
+    assert _asm.amd_loads("global_load_dwordx2 v[0:1], v[2:3], off\nbuffer_load_ushort v4") == 8
+    assert _asm.amd_loads("global_load_lds_dwordx4 v1, s[0:1]") == 16
+    mma, ok = _asm.mma_instructions("v_mfma_f32_32x32x8_f16 a[0:15]", "hip", "gfx942", ["f8E4M3FN"])
     assert mma == "v_mfma_f32_32x32x8_f16" and not ok  # an FP8 dot upcast to fp16 MFMA is not on FP8 cores
-    assert targets._mma("wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3", TARGETS["sm_90"], ["f8E4M3FN"])[1]
-    assert not targets._mma("mma.sync.aligned.m16n8k16", TARGETS["sm_90"], ["bf16"])[1]
+    assert _asm.mma_instructions("wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3", "cuda", 90, ["f8E4M3FN"])[1]
+    assert not _asm.mma_instructions("mma.sync.aligned.m16n8k16", "cuda", 90, ["bf16"])[1]
+    assert _asm.amd_resources("; NumVgprs: 128\n; TotalNumVgprs: 136\n; ScratchSize: 0\n; Occupancy: 3") == \
+        {"vgprs": 136, "scratch": 0, "waves": 3}
     line = ("%a = tt.dot %x, %y, %c, inputPrecision = tf32 {maxNumImpreciseAcc = 1 : i32} : "
             "tensor<128x128xf8E4M3FNUZ> * t")
-    assert targets._dot_types(line) == ["f8E4M3FNUZ"]
+    assert _asm.dot_types(line) == ["f8E4M3FNUZ"]
 
 
 def test_unknown_target_raises():

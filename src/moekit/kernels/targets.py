@@ -60,6 +60,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from . import _asm
 from ._backend import BLOCK, FP8Format, fp8_format_for_arch
 
 # --------------------------------------------------------------------------------------------- targets
@@ -452,66 +453,6 @@ def compile_spec(spec: CompileSpec, target: Target):
     return triton.compile(src, target=target.gpu_target(), options=opts)
 
 
-def _cuobjdump(cubin: bytes) -> dict[str, int]:
-    import triton
-
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(cubin)
-    try:
-        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-    finally:
-        os.unlink(f.name)
-    return {k: int(v) for k, v in re.findall(r"(REG|STACK|LOCAL):(\d+)", out)}
-
-
-_PTX_BYTES = {"b8": 1, "u8": 1, "s8": 1, "b16": 2, "u16": 2, "s16": 2, "f16": 2, "bf16": 2, "b32": 4, "u32": 4,
-              "s32": 4, "f32": 4, "b64": 8, "u64": 8, "s64": 8, "f64": 8, "b128": 16}
-_AMD_BYTES = {"ubyte": 1, "sbyte": 1, "u8": 1, "i8": 1, "ushort": 2, "short": 2, "sshort": 2, "u16": 2, "i16": 2,
-              "b16": 2, "dword": 4, "b32": 4, "dwordx2": 8, "b64": 8, "dwordx3": 12, "b96": 12, "dwordx4": 16,
-              "b128": 16}
-
-
-def _ptx_loads(ptx: str) -> tuple[int | None, bool]:
-    widths = []
-    for vec, ty in re.findall(r"\bld\.global[\w.:]*?(?:\.v(\d))?\.(b\d+|[usf]\d+|bf16)\b", ptx):
-        widths.append(int(vec or 1) * _PTX_BYTES.get(ty, 0))
-    # cp.async.cg.shared.global [dst], [src], cp-size(, src-size): the copy's bytes per thread.
-    cp = r"\bcp\.async\.c[ag]\.shared\.global\s*\[[^\]]*\],\s*\[[^\]]*\],\s*(0x[0-9a-fA-F]+|\d+)"
-    widths += [int(n, 0) for n in re.findall(cp, ptx)]
-    return (max(widths) if widths else None), "cp.async.bulk.tensor" in ptx
-
-
-def _amd_loads(asm: str) -> int | None:
-    widths = [_AMD_BYTES.get(m, 0) for m in re.findall(r"\b(?:global|buffer)_load(?:_lds)?_(\w+?)\b", asm)]
-    widths = [w for w in widths if w]
-    return max(widths) if widths else None
-
-
-def _dot_types(ttir: str) -> list[str]:
-    """Element types of the first operand of every ``tt.dot`` / ``tt.dot_scaled`` in the TTIR."""
-    out = []
-    for line in ttir.splitlines():
-        if re.search(r"= tt\.dot(_scaled)? ", line):
-            m = re.search(r"tensor<[\dx]+x(\w+)>\s*\*", line)
-            out.append(m.group(1) if m else "?")
-    return out
-
-
-def _mma(asm: str, target: Target, dot_types: list[str]) -> tuple[str | None, bool]:
-    fp8 = any(d.startswith("f8") for d in dot_types)
-    if target.vendor == "hip":
-        found = sorted(set(re.findall(r"\bv_mfma_\w+", asm)))
-        want = r"v_mfma_\w*(fp8|bf8|f8f6f4)" if fp8 else r"v_mfma_"
-    elif target.arch >= 100:
-        found = sorted(set(re.findall(r"\btcgen05\.mma[\w.:]*", asm)) | set(re.findall(r"\bmma\.sync[\w.]*", asm)))
-        want = r"tcgen05\.mma\S*kind::f8f6f4" if fp8 else r"tcgen05\.mma"
-    else:
-        found = sorted(set(re.findall(r"\bwgmma\.mma_async[\w.]*", asm)) | set(re.findall(r"\bmma\.sync[\w.]*", asm)))
-        want = r"wgmma\.mma_async\S*\.e[45]m[23]" if fp8 else r"wgmma\.mma_async"
-    return (", ".join(found) or None), any(re.search(want, f) for f in found)
-
-
 def _occupancy(target: Target, spec: CompileSpec, regs: int | None, shared: int, amd_waves: int | None):
     limits = {"warps": target.max_warps // spec.num_warps}
     if target.vendor == "cuda":
@@ -527,10 +468,6 @@ def _occupancy(target: Target, spec: CompileSpec, regs: int | None, shared: int,
             limits["shared"] = target.smem_per_sm // shared
     why = min(limits, key=lambda k: limits[k])
     return limits[why], why
-
-
-def _loc_lines(ttir: str) -> list[tuple[str, int]]:
-    return [(f, int(ln)) for f, ln in re.findall(r'loc\("([^"]+)":(\d+):\d+\)', ttir)]
 
 
 def compile_row(key: str, spec: CompileSpec, target: Target, found: dict[str, JitInfo]) -> TargetRow:
@@ -554,32 +491,28 @@ def compile_row(key: str, spec: CompileSpec, target: Target, found: dict[str, Ji
     row.compiled = True
     ttir = ck.asm["ttir"]
     row.shared = int(ck.metadata.shared)
-    dots = _dot_types(ttir)
+    dots = _asm.dot_types(ttir)
     row.has_dot = bool(dots)
     amd_waves = None
     if target.vendor == "cuda":
         asm = ck.asm["ptx"]
-        res = _cuobjdump(ck.asm["cubin"])
+        res = _asm.cuobjdump_resources(ck.asm["cubin"])
         row.registers = res.get("REG")
         row.spills = res.get("LOCAL", 0) + res.get("STACK", 0)
-        row.load_bytes, row.tma = _ptx_loads(asm)
+        row.load_bytes, row.tma = _asm.ptx_loads(asm)
     else:
         asm = ck.asm["amdgcn"]
-        m = re.search(r";\s*TotalNumVgprs:\s*(\d+)", asm) or re.search(r";\s*NumVgprs:\s*(\d+)", asm)
-        row.registers = int(m.group(1)) if m else None
-        m = re.search(r";\s*ScratchSize:\s*(\d+)", asm)
-        row.spills = int(m.group(1)) if m else None
-        m = re.search(r";\s*Occupancy:\s*(\d+)", asm)
-        amd_waves = int(m.group(1)) if m else None
-        row.load_bytes, row.tma = _amd_loads(asm), False
+        res = _asm.amd_resources(asm)
+        row.registers, row.spills, amd_waves = res.get("vgprs"), res.get("scratch"), res.get("waves")
+        row.load_bytes, row.tma = _asm.amd_loads(asm), False
     row.occupancy, row.occupancy_limit = _occupancy(target, spec, row.registers, row.shared, amd_waves)
     if row.shared > target.smem_per_program:  # compiles, but the launch raises OutOfResources
         row.error = (f"needs {row.shared} bytes of shared memory / LDS per program; {target.name} has "
                      f"{target.smem_per_program}")
     if row.has_dot:
-        row.mma, row.tensor_cores = _mma(asm, target, dots)
+        row.mma, row.tensor_cores = _asm.mma_instructions(asm, target.vendor, target.arch, dots)
     # Which helpers this build inlined: their source lines appear in the TTIR's locations.
-    locs = _loc_lines(ttir)
+    locs = _asm.loc_lines(ttir)
     used = [k for k in _reachable(key, found)
             if any(f == found[k].file and found[k].lines[0] <= ln < found[k].lines[1] for f, ln in locs)]
     row.used_by = sorted(used)  # for a kernel row: the helpers it uses (inverted into helper rows later)
