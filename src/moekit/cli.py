@@ -12,11 +12,41 @@ from pathlib import Path
 _BENCH_DIR = Path(__file__).resolve().parents[2] / "bench"
 
 
-def _info(_args: argparse.Namespace) -> int:
+def _info_targets(as_json: bool) -> int:
+    """``moekit info --targets``: every kernel compiled for sm_90 / sm_100 / gfx942 / gfx950 (no GPU needed)."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from .kernels import targets
+
+    rows = targets.compile_matrix(jobs=min(4, os.cpu_count() or 1))
+    if as_json:
+        print(json.dumps([r.as_dict() for r in rows], indent=1))
+        return 0
+    t = Table(title="moekit kernels compiled per target, no GPU involved (docs/portability.md)")
+    for c in targets.SUMMARY_HEADER:
+        t.add_column(c)
+    for r in rows:
+        if r.kind != "helper":
+            cells = [c.replace("**", "") for c in targets.summary_cells(r)]
+            t.add_row(*cells, style=None if targets.green(r) else "red")
+    console = Console(width=None if sys.stdout.isatty() else 200)
+    console.print(t)
+    helpers = sorted({r.kernel for r in rows if r.kind == "helper"})
+    console.print(f"device helpers (inlined into the kernels above): {', '.join(helpers)}; details: --json")
+    return 0 if all(targets.green(r) for r in rows) else 1
+
+
+def _info(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
     from . import platform
+
+    if getattr(args, "targets", False):
+        return _info_targets(args.json)
 
     p = platform.info()
     t = Table(title="moekit info", show_header=False)
@@ -60,7 +90,9 @@ def _bench(args: argparse.Namespace, rest: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="moekit", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("info", help="what moekit runs on here")
+    info = sub.add_parser("info", help="what moekit runs on here")
+    info.add_argument("--targets", action="store_true", help="compile every kernel for sm_90/sm_100/gfx942/gfx950")
+    info.add_argument("--json", action="store_true", help="with --targets: the rows as a JSON list")
     sub.add_parser("demo", help="train a small DeepSeek-V3-style MoE model with expert parallelism", add_help=False)
     b = sub.add_parser("bench", help="run a benchmark script of bench/ (checkout only)")
     b.add_argument("name", help="e.g. ep_cpu, ep_hierarchical, moe_cpu, pipeline_bubbles")

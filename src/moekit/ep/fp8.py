@@ -26,7 +26,8 @@ def quantize_1x128(x: torch.Tensor, round_scale: bool = True) -> tuple[torch.Ten
     on GPU tensors, its torch reference on the CPU.
     """
     assert x.shape[-1] % TILE == 0, x.shape
-    data, scales = per_token_group_quant(x, TILE, scale_fmt="ue8m0" if round_scale else None)
+    # The wire stays OCP e4m3fn on every GPU (the FP8 checks of ep/ expect it); GEMMs on MI300 read fnuz.
+    data, scales = per_token_group_quant(x, TILE, scale_fmt="ue8m0" if round_scale else None, fp8_format="e4m3fn")
     return data, scales
 
 

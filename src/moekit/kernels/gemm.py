@@ -38,7 +38,7 @@ except ImportError:  # pragma: no cover - older Triton: the pointer path only
 from . import reference as ref
 from ._backend import (
     BLOCK,
-    FP8_DTYPE,
+    FP8_DTYPES,
     cdiv,
     check_dtype,
     check_k,
@@ -76,7 +76,9 @@ def get_cuda_configs() -> list[triton.Config]:
 
 
 def get_hip_configs() -> list[triton.Config]:
-    """AMD (CDNA3): LDS holds two stages; no PTX."""
+    """AMD (CDNA3 / CDNA4): two stages, since NVIDIA's 4-stage 128x128 tile asks for 96 KB of LDS per program and
+    an MI300 CU has 64 KB (``moekit info --targets``, docs/portability.md). ``waves_per_eu`` and
+    ``matrix_instr_nonkdim`` stay at the compiler's defaults until an AMD device times them."""
     c = _config
     return [
         c({"BLOCK_M": 128, "BLOCK_N": 128, "GROUP_M": 8}, num_warps=8, num_stages=2),
@@ -209,8 +211,10 @@ def m_bucket(m: int) -> int:
 
 def check_operands(a, a_scales, b, b_scales, a_lead: tuple[int, ...], b_lead: tuple[int, ...]) -> tuple[int, int]:
     """Shared checks of the GEMMs: dtypes, K multiple of 128, scale shapes; returns (N, K)."""
-    check_dtype("a", a, FP8_DTYPE)
-    check_dtype("b", b, FP8_DTYPE)
+    check_dtype("a", a, *FP8_DTYPES)
+    check_dtype("b", b, *FP8_DTYPES)
+    if a.dtype != b.dtype:
+        raise TypeError(f"a and b must use one FP8 format, got a {a.dtype} and b {b.dtype}")
     check_dtype("a_scales", a_scales, torch.float32)
     check_dtype("b_scales", b_scales, torch.float32)
     k = a.shape[-1]
@@ -260,10 +264,10 @@ def fp8_gemm_nt(
     """``out = a @ b.T`` with DeepSeek-V3's fine-grained FP8 scaling.
 
     Args:
-        a: ``[M, K]`` float8_e4m3fn, ``K`` a multiple of 128.
+        a: ``[M, K]`` float8_e4m3fn (or float8_e4m3fnuz, AMD MI300's native format), ``K`` a multiple of 128.
         a_scales: ``[M, K/128]`` float32, one per 1x128 tile of ``a`` (any strides: row-major from
             :func:`per_token_group_quant`, or M-major as DeepGEMM stores them).
-        b: ``[N, K]`` float8_e4m3fn (any N).
+        b: ``[N, K]``, the same FP8 dtype as ``a`` (any N).
         b_scales: ``[ceil(N/128), K/128]`` float32, one per 128x128 block of ``b``.
         out_dtype: bf16 (default), fp16 or fp32.
         num_sms: at most this many persistent programs (default: every SM), leaving the rest to others.

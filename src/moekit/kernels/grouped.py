@@ -157,7 +157,8 @@ def m_grouped_fp8_gemm_nt_contiguous(
     """Grouped ``out[i] = a[i] @ b[m_indices[i]].T`` over per-group contiguous row segments.
 
     Args:
-        a: ``[M, K]`` float8_e4m3fn, rows grouped by expert; each group's segment starts at a multiple of
+        a: ``[M, K]`` float8_e4m3fn or float8_e4m3fnuz (``b`` the same), rows grouped by expert; each group's
+            segment starts at a multiple of
             :func:`get_m_alignment_for_contiguous_layout` (128). ``K`` a multiple of 128.
         a_scales: ``[M, K/128]`` float32.
         b: ``[G, N, K]`` float8_e4m3fn, one weight per group.
@@ -220,7 +221,7 @@ def m_grouped_fp8_gemm_nt_masked(
     """Grouped ``out[g, :masked_m[g]] = a[g, :masked_m[g]] @ b[g].T`` (the low-latency, per-expert layout).
 
     Args:
-        a: ``[G, M_max, K]`` float8_e4m3fn; ``K`` a multiple of 128.
+        a: ``[G, M_max, K]`` float8_e4m3fn or float8_e4m3fnuz (``b`` the same); ``K`` a multiple of 128.
         a_scales: ``[G, M_max, K/128]`` float32.
         b: ``[G, N, K]`` float8_e4m3fn.
         b_scales: ``[G, ceil(N/128), K/128]`` float32.

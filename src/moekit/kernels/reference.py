@@ -1,9 +1,9 @@
 """Plain-torch references of every FP8 kernel: the CPU path and what the Triton kernels are tested against.
 
-Quantization (DeepSeek-V3's recipe): a scale is the tile's max-abs (clamped below at 1e-4) over 448, the
-data is ``x / scale`` rounded to e4m3 with saturation; ``scale_fmt="ue8m0"`` rounds each scale up to a
-power of two. GEMMs dequantize both operands and multiply in fp32, which is what the kernels compute with
-their per-128-of-K fp32 promotion (up to fp32 summation order).
+Quantization (DeepSeek-V3's recipe): a scale is the tile's max-abs (clamped below at 1e-4) over the format's
+max (448 for e4m3fn, 240 for e4m3fnuz), the data is ``x / scale`` rounded to e4m3 with saturation;
+``scale_fmt="ue8m0"`` rounds each scale up to a power of two. GEMMs dequantize both operands and multiply in
+fp32, which is what the kernels compute with their per-128-of-K fp32 promotion (up to fp32 summation order).
 
 Shape legend: M rows of activations, N output features, K reduction, G groups (experts), B = 128.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ._backend import FP8_DTYPE, FP8_MAX, cdiv
+from ._backend import FP8_FORMATS, cdiv
 
 AMAX_EPS = 1e-4  # floor of a tile's max-abs, so that all-zero tiles get a finite scale
 
@@ -25,21 +25,23 @@ def ceil_pow2(s: torch.Tensor) -> torch.Tensor:
     return out.view(torch.float32).reshape(s.shape)
 
 
-def _scale(amax: torch.Tensor, scale_fmt: str | None) -> torch.Tensor:
-    s = amax.clamp_min(AMAX_EPS) / FP8_MAX
+def _scale(amax: torch.Tensor, scale_fmt: str | None, fp8_format: str) -> torch.Tensor:
+    s = amax.clamp_min(AMAX_EPS) / FP8_FORMATS[fp8_format].max
     return ceil_pow2(s) if scale_fmt == "ue8m0" else s
 
 
-def _to_e4m3(y: torch.Tensor) -> torch.Tensor:
-    return y.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+def _to_e4m3(y: torch.Tensor, fp8_format: str) -> torch.Tensor:
+    # Saturate first: torch's cast overflows to NaN (e4m3fnuz) rather than clamping.
+    f = FP8_FORMATS[fp8_format]
+    return y.clamp(-f.max, f.max).to(f.dtype)
 
 
-def per_token_group_quant_ref(x: torch.Tensor, group_size: int, scale_fmt: str | None):
-    """``x [..., K]`` -> ``(e4m3 [..., K], fp32 [..., K/group_size])``."""
+def per_token_group_quant_ref(x: torch.Tensor, group_size: int, scale_fmt: str | None, fp8_format: str = "e4m3fn"):
+    """``x [..., K]`` -> ``(e4m3 [..., K] in fp8_format, fp32 [..., K/group_size])``."""
     *lead, k = x.shape
     g = x.float().reshape(*lead, k // group_size, group_size)
-    s = _scale(g.abs().amax(dim=-1), scale_fmt)  # [..., K/gs]
-    q = _to_e4m3(g / s.unsqueeze(-1)).reshape(*lead, k)
+    s = _scale(g.abs().amax(dim=-1), scale_fmt, fp8_format)  # [..., K/gs]
+    q = _to_e4m3(g / s.unsqueeze(-1), fp8_format).reshape(*lead, k)
     return q, s
 
 
@@ -59,14 +61,15 @@ def _pad_to_blocks(w: torch.Tensor, block: int) -> torch.Tensor:
     return out
 
 
-def per_block_quant_ref(w: torch.Tensor, block: int, scale_fmt: str | None = None):
-    """``w [..., N, K]`` -> ``(e4m3 [..., N, K], fp32 [..., ceil(N/B), ceil(K/B)])``; ragged edges count as zeros."""
+def per_block_quant_ref(w: torch.Tensor, block: int, scale_fmt: str | None = None, fp8_format: str = "e4m3fn"):
+    """``w [..., N, K]`` -> ``(e4m3 [..., N, K] in fp8_format, fp32 [..., ceil(N/B), ceil(K/B)])``; ragged edges
+    count as zeros."""
     *lead, n, k = w.shape
     p = _pad_to_blocks(w.float(), block)
     nb, kb = p.shape[-2] // block, p.shape[-1] // block
     t = p.reshape(*lead, nb, block, kb, block)
-    s = _scale(t.abs().amax(dim=(-3, -1)), scale_fmt)  # [..., nb, kb]
-    q = _to_e4m3(t / s[..., :, None, :, None]).reshape(*lead, nb * block, kb * block)
+    s = _scale(t.abs().amax(dim=(-3, -1)), scale_fmt, fp8_format)  # [..., nb, kb]
+    q = _to_e4m3(t / s[..., :, None, :, None], fp8_format).reshape(*lead, nb * block, kb * block)
     return q[..., :n, :k], s
 
 
