@@ -461,6 +461,21 @@ class Buffer:
         return low_latency_combine(self, x, topk_idx, topk_weights, handle, async_finish=async_finish,
                                    return_recv_hook=return_recv_hook)
 
+    # ---- faults ---------------------------------------------------------------------------------
+    def agree(self, error: BaseException | None, what: str = "Buffer.agree") -> None:
+        """Collective: every rank passes its own ``error`` (or None); every rank raises the lowest failing
+        rank's error, naming that rank (its type, and its message text), or returns when none failed.
+
+        For checks outside dispatch/combine that one rank may fail (``MoE`` uses it for
+        ``load_state_dict``). ``what``: the call named in the message (``errors.CALLS``). One small
+        fixed-size exchange (two when a rank failed with a non-moekit exception); a host sync.
+        """
+        self._guard.begin(what)
+        status = OK if error is None else self._guard.status_of(error)
+        ident = self._guard.identity(what, 0, 0, self._key)
+        self._guard.preflight(what, self._engine.comm, status, ident, hmod.msg_width(self.layout.ranks_per_node),
+                              self._msg_device)
+
     # ---- gradients ------------------------------------------------------------------------------
     def _combine_grads(self, h: DispatchHandle, gx, gw, x_dtype):
         """Backward of dispatch: combine of ``gx`` [M, H] and ``gw`` [M, K] (either may be None).

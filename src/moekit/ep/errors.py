@@ -91,7 +91,7 @@ HANDLE_KINDS = ["a DispatchHandle (from Buffer.dispatch)", "a LowLatencyHandle (
 IDENTITY_FIELDS = ["Buffer call that made it (#)", "mode (0 normal, 1 low-latency)", "Buffer (group/layout key)"]
 # Collective calls of a Buffer, compared across ranks (Code.OP_MISMATCH).
 CALLS = ["dispatch", "dispatch (cached, with a handle)", "combine", "low_latency_dispatch", "low_latency_combine",
-         "MoE.forward"]
+         "MoE.forward", "MoE.load_state_dict", "Buffer.agree"]
 
 
 def exception_code(err: BaseException) -> int:
