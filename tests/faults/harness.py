@@ -16,17 +16,16 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+from ep.checks import check_dispatch_combine
+from ep.reference import Case, make_inputs
 from moekit import MoEConfig
 from moekit.ep import Buffer, PeerTimeout
 from moekit.ep import buffer as buffer_mod
 from moekit.moe import MoE
 
-from ep.checks import check_dispatch_combine
-from ep.reference import Case, make_inputs
-
 WORLD = 4
 BAD = 2  # the misbehaving rank
-TIMEOUT = 3.0  # the Buffer's timeout in the peer cases (seconds)
+TIMEOUT = 2.0  # the Buffer's timeout in the peer cases (seconds)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,7 +187,7 @@ def run_peer(rank: int, world: int, mode: str, timeout: float = TIMEOUT):
         moe = MoE(cfg, timeout=timeout)
         y = moe(torch.randn(6, cfg.hidden_size, requires_grad=True))
         if rank == BAD:
-            time.sleep(timeout * 3)
+            time.sleep(timeout * 2 + 1)  # past the peers' timeout and grace
             return None
         got, dt = _outcome(lambda: y.sum().backward())
         buf = moe.buffer
@@ -200,7 +199,7 @@ def run_peer(rank: int, world: int, mode: str, timeout: float = TIMEOUT):
         if rank == BAD:
             if mode == "dead":
                 os._exit(0)
-            time.sleep(timeout * 3)  # alive, busy elsewhere
+            time.sleep(timeout * 2 + 1)  # alive, busy elsewhere, past the peers' timeout and grace
             return None
         if mode == "dead":
             got, dt = _outcome(lambda: buf.dispatch(xs[rank], idxs[rank], ws[rank], case.num_experts))
