@@ -82,7 +82,8 @@ def _default_store():
 class Guard:
     """One per Buffer: call numbers, status words from exceptions, preflights and the timeout watch.
 
-    ``group_ranks``: the global ranks of the Buffer's group; ``timeout``: seconds of every wait.
+    ``key``: the Buffer's key (its group's global ranks and layout); ``rank``, ``world``: this rank and
+    R in the Buffer's group; ``timeout``: seconds of every wait.
     """
 
     def __init__(self, key: tuple, rank: int, world: int, timeout: float):
@@ -91,6 +92,7 @@ class Guard:
         self.seq = 0  # number of the current (latest) collective call
         self.op = ""
         self.broken: str | None = None
+        self._text = ""  # message of this rank's latest Code.EXCEPTION, sent if its status wins
         n = next(_instances.setdefault(self.hash, itertools.count()))
         self._prefix = f"moekit/ep/{self.hash}/{n}"
 
@@ -129,7 +131,7 @@ class Guard:
         raise_status(op, s, self.world)
 
     def _exchange_text(self, src: int, comm) -> str:
-        mine = getattr(self, "_text", "") if src == self.rank else ""
+        mine = self._text if src == self.rank else ""
         raw = mine.encode()[:TEXT_BYTES]
         row = torch.zeros(TEXT_BYTES, dtype=torch.uint8)
         row[:len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else row[:0]
