@@ -93,3 +93,17 @@ def test_spawn_reports_a_rank_without_result():
     with pytest.raises(RankError, match="rank 1 of 2 exited .* without returning a result"):
         spawn(_exits_early, 2)
     assert spawn(_exits_early, 2, missing_ok=True) == [0, None]
+
+
+def test_timeout_and_check_handles_arguments():
+    for bad in (0, -1.0, float("inf"), float("nan"), True, "5"):
+        with pytest.raises(ValueError, match="timeout must be a positive, finite number of seconds"):
+            Buffer(timeout=bad)
+    x, idx = torch.randn(3, 8), torch.tensor([[0], [1], [-1]])
+    for check in (None, True, False):  # one rank: the preflight is a local copy; without it a local error
+        buf = Buffer(timeout=5, check_handles=check)
+        assert buf.timeout == 5.0
+        d = buf.dispatch(x, idx, None, 2)
+        with pytest.raises(TypeError, match="rank 0 of 1: handle must be a DispatchHandle"):
+            buf.combine(d.recv_x, None)
+        assert torch.equal(buf.combine(d.recv_x, d.handle).combined_x, torch.where(idx >= 0, 1.0, 0.0) * x)
