@@ -61,6 +61,7 @@ def _cases(buf: Buffer, rank: int, world: int, two_stage: bool):
     first = buf.dispatch(x, idx, w, e)  # an earlier call's handle
     cur = buf.dispatch(x, idx, w, e)
     ll = buf.low_latency_dispatch(x.bfloat16(), idx, 8, e, use_fp8=False)
+    other = Buffer(ranks_per_node=1, hierarchical=False).dispatch(x, idx, w, e)  # another layout's handle
     meta_x = torch.empty(6, 128, device="meta")
     cases = [
         (Fault("huge num_experts", "`num_experts` = 2**40 (an allocation would fail)", "ValueError",
@@ -98,6 +99,9 @@ def _cases(buf: Buffer, rank: int, world: int, two_stage: bool):
         (Fault("cached dispatch on one rank", "a cached `dispatch` (handle) on one rank, a fresh one on the others",
                "ValueError", "ranks call different methods"),
          lambda: buf.dispatch(x, idx, w, e, handle=cur.handle if bad else None)),
+        (Fault("foreign handle", "`combine` with the handle of a Buffer over another node layout", "ValueError",
+               "made by a Buffer over another group, node layout or path"),
+         lambda: buf.combine(other.recv_x if bad else cur.recv_x, other.handle if bad else cur.handle)),
         (Fault("combine vs dispatch", "`combine` on one rank, `dispatch` on the others", "ValueError",
                "ranks call different methods"),
          lambda: buf.combine(cur.recv_x, cur.handle) if bad else buf.dispatch(x, idx, w, e)),
@@ -172,7 +176,7 @@ def _layer_cases(rank: int, world: int):
 
 PEER_FAULTS = {
     "dead": Fault("dead peer", "a rank exits (process gone) before a `dispatch`", "PeerTimeout",
-                  f"rank(s) [{BAD}] did not arrive"),
+                  f"rank(s) [{BAD}] did not arrive: a peer's connection closed"),
     "absent": Fault("absent peer", "a rank is alive but never calls `combine`", "PeerTimeout",
                     f"rank(s) [{BAD}] did not arrive"),
     "no backward": Fault("skipped backward", "a rank skips the `MoE` backward (others run it)", "PeerTimeout",

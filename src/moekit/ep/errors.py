@@ -282,9 +282,11 @@ class PeerTimeout(RuntimeError):
     state is unknown: the process group (and the Buffer) must be rebuilt.
     """
 
-    def __init__(self, op: str, ranks, timeout_s: float, detail: str = ""):
+    def __init__(self, op: str, ranks, timeout_s: float, detail: str = "", lost: bool = False):
         self.op, self.ranks, self.timeout_s = op, tuple(int(r) for r in ranks), float(timeout_s)
         who = f"rank(s) {list(self.ranks)}" if self.ranks else "some peer(s)"
-        msg = (f"{op}: {who} did not arrive within {self.timeout_s:g} s (dead, or not calling {op}); "
+        how = ("did not arrive: a peer's connection closed (dead process)" if lost else
+               f"did not arrive within {self.timeout_s:g} s (dead, or not calling {op})")
+        msg = (f"{op}: {who} {how}; "
                "the process group must be rebuilt (destroy_process_group + init_process_group, then a new Buffer)")
         super().__init__(msg + (f" [{detail}]" if detail else ""))

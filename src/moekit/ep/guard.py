@@ -158,9 +158,10 @@ class Guard:
         """Called by the transport when a wait ran out or a peer was lost: raises PeerTimeout."""
         lost = "timed out" not in str(err).lower()
         missing = self._missing()
-        detail = ("a peer closed its connection: " if lost else "") + str(err).splitlines()[0][:160]
+        detail = str(err).splitlines()[0][:160]
         self.broken = f"call #{self.seq} ({self.op}): rank(s) {list(missing)} did not arrive"
-        raise PeerTimeout(f"moekit.Buffer.{self.op or 'call'}", missing, self.timeout, detail=detail) from err
+        raise PeerTimeout(f"moekit.Buffer.{self.op or 'call'}", missing, self.timeout, detail=detail,
+                          lost=lost) from err
 
     def _missing(self) -> tuple[int, ...]:
         store = _default_store()
