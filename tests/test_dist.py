@@ -59,3 +59,14 @@ def _sleepy(rank, world):
 def test_spawn_times_out():
     with pytest.raises(TimeoutError):
         spawn(_sleepy, 2, timeout=3)
+
+
+def test_node_keys_from_hosts_and_p2p_domains():
+    # Same host, devices 0-1 and 2-3 each a P2P (NVLink) domain: two nodes of two; CPU ranks: by host.
+    gpu = [("h", (0, [0, 1])), ("h", (1, [0, 1])), ("h", (2, [2, 3])), ("h", (3, [2, 3]))]
+    assert mdist.node_keys(gpu) == [0, 0, 1, 1] and mdist.ranks_per_node_from_keys([0, 0, 1, 1]) == 2
+    assert mdist.node_keys([("a", None), ("a", None), ("b", None)]) == [0, 0, 1]
+    for keys in ([0, 1, 0, 1], [0, 0, 1], [0, 1, 1]):
+        with pytest.raises(ValueError, match="consecutive"):
+            mdist.ranks_per_node_from_keys(keys)
+    assert mdist.ranks_per_node_from_keys([0, 0, 0]) == 3

@@ -2,14 +2,16 @@
 
 A *node* is a run of ``ranks_per_node`` consecutive ranks of a group (rank ``r`` sits on node
 ``r // ranks_per_node`` with local index ``r % ranks_per_node``). By default ``ranks_per_node`` is
-``LOCAL_WORLD_SIZE`` (set by ``torchrun``) or the whole group, so tests can pretend that 8 gloo
-ranks are 4 nodes of 2.
+``LOCAL_WORLD_SIZE`` (set by ``torchrun``), so tests can pretend that 8 gloo ranks are 4 nodes of 2;
+without it, :func:`node_layout` asks the hardware (:func:`hardware_ranks_per_node`: the ranks that
+share a host, and on GPUs a peer-to-peer (NVLink) domain, are one node).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 
 import torch.distributed as dist
 
@@ -69,10 +71,85 @@ def default_ranks_per_node(group: ProcessGroup | None = None) -> int:
 
 
 def node_layout(group: ProcessGroup | None = None, ranks_per_node: int | None = None) -> NodeLayout:
-    """The :class:`NodeLayout` of ``group``; ``ranks_per_node=None`` takes :func:`default_ranks_per_node`."""
+    """The :class:`NodeLayout` of ``group``.
+
+    ``ranks_per_node=None`` takes ``LOCAL_WORLD_SIZE`` (:func:`default_ranks_per_node`) when it is set,
+    else :func:`hardware_ranks_per_node` (collective over ``group`` then: every rank must call it).
+    """
     ws = world_size(group)
+    if ranks_per_node is None and os.environ.get("LOCAL_WORLD_SIZE") is None and ws > 1:
+        return NodeLayout(ws, hardware_ranks_per_node(group))
     rpn = default_ranks_per_node(group) if ranks_per_node is None else int(ranks_per_node)
     return NodeLayout(ws, rpn)
+
+
+def host_identity() -> str:
+    """What tells hosts apart: the hostname and the kernel's boot id (two containers or VMs may share a
+    hostname, never a boot id; processes of one host share both)."""
+    boot = ""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:  # not Linux: the hostname alone
+        pass
+    return f"{socket.gethostname()}/{boot}"
+
+
+def _device_identity() -> tuple[int, list[int]] | None:
+    """On a CUDA rank: ``(its device index, the local devices it reaches peer-to-peer)``; else None."""
+    import torch
+
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    me = torch.cuda.current_device()
+    peers = [d for d in range(torch.cuda.device_count())
+             if d == me or torch.cuda.can_device_access_peer(me, d)]
+    return me, peers
+
+
+def node_keys(identities: list) -> list[int]:
+    """Node number of each rank from its ``(host, device identity)`` (what :func:`hardware_ranks_per_node`
+    gathers): same host and, where both ranks have a device, devices that reach each other peer-to-peer.
+    Nodes are numbered in order of their first rank."""
+    keys, first = [], {}
+    for host, dev in identities:
+        clique = None
+        if dev is not None:
+            me, peers = dev
+            # The smallest device of the host this rank reaches by P2P names its NVLink/P2P domain.
+            clique = min(peers) if peers else me
+        keys.append(first.setdefault((host, clique), len(first)))
+    return keys
+
+
+def ranks_per_node_from_keys(keys: list[int]) -> int:
+    """G from each rank's node number: the nodes must be runs of G consecutive ranks (the node layout's
+    rule). Raises ValueError naming the ranks otherwise."""
+    ws = len(keys)
+    sizes = [keys.count(n) for n in range(max(keys) + 1)]
+    g = sizes[0]
+    expected = [r // g for r in range(ws)] if ws % g == 0 else None
+    if expected != keys:
+        runs = {n: [r for r, k in enumerate(keys) if k == n] for n in range(len(sizes))}
+        raise ValueError(
+            "the ranks of each host must be consecutive group ranks, the same number on every host "
+            f"(found node -> group ranks {runs}); launch with consecutive ranks per host (torchrun does) "
+            "or pass ranks_per_node / set LOCAL_WORLD_SIZE")
+    return g
+
+
+def hardware_ranks_per_node(group: ProcessGroup | None = None) -> int:
+    """Ranks per node as the hardware says: ranks on one host (hostname + boot id) and, on GPUs, in one
+    peer-to-peer (NVLink) domain are one node. Collective over ``group`` (one ``all_gather_object``);
+    1 rank without torch.distributed. Raises ValueError on every rank when the nodes are not runs of
+    equally many consecutive ranks."""
+    ws = world_size(group)
+    if ws == 1:
+        return 1
+    mine = (host_identity(), _device_identity())
+    everyone = [None] * ws
+    dist.all_gather_object(everyone, mine, group=group)
+    return ranks_per_node_from_keys(node_keys(everyone))
 
 
 def global_ranks(group: ProcessGroup | None = None) -> list[int]:

@@ -125,7 +125,7 @@ def _bytes_rank(rank, world, two_stage):
     buf.combine(d.recv_x.bfloat16(), d.handle)  # converted to the handle's fp32 on the wire
     got_c = buf.stats.last
     rb_d = _row_bytes(20 * 4 + 4 * 3 + 4 * 3)  # fp32 x, int32 ids, fp32 weights
-    rb_c = _row_bytes(20 * 4)
+    rb_c = _row_bytes(20 * 4 + 4 * 3)  # fp32 x, and the K fp32 weights a handle with weights always carries
     want_d, want_c = _ref_traffic(idxs, case.num_experts, world, buf.layout, rank, two_stage, rb_d, rb_c)
     assert got_d == want_d, (rank, got_d, want_d)
     assert got_c == want_c, (rank, got_c, want_c)

@@ -1,6 +1,6 @@
 """Expert-parallel communication: dispatch tokens to the ranks of their experts and combine them back."""
 
-from .buffer import Buffer, CombineOutput, DispatchOutput
+from .buffer import Buffer, CombineOutput, DispatchOutput, WeightedCombineOutput
 from .errors import PeerTimeout
 from .event import EventOverlap
 from .handle import DispatchHandle
@@ -12,4 +12,4 @@ from .stats import Traffic, TrafficStats
 __all__ = ["Buffer", "CombineOutput", "DispatchHandle", "DispatchLayout", "DispatchOutput", "EventOverlap",
            "LowLatencyCombineOutput", "LowLatencyDispatchOutput", "LowLatencyHandle", "NaiveBuffer", "PeerTimeout",
            "Traffic",
-           "TrafficStats", "get_dispatch_layout"]
+           "TrafficStats", "WeightedCombineOutput", "get_dispatch_layout"]

@@ -41,7 +41,7 @@ class DispatchOutput(NamedTuple):
     recv_x: torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # [M, H], or (e4m3 [M, H], fp32 scales [M, H/128])
     recv_topk_idx: torch.Tensor | None  # [M, K] int64 local expert ids, -1 for experts on other ranks
     recv_topk_weights: torch.Tensor | None  # [M, K] float32, 0 where recv_topk_idx is -1
-    num_recv_tokens_per_expert_list: list[int]  # [E / R] python ints, each rounded up to expert_alignment
+    num_recv_tokens_per_expert_list: list[int]  # [E / R] python ints rounded up to expert_alignment ([] w/ worst)
     handle: DispatchHandle
     event: EventOverlap
 
@@ -53,8 +53,41 @@ class CombineOutput(NamedTuple):
     event: EventOverlap
 
 
+class WeightedCombineOutput(NamedTuple):
+    """Result of :meth:`Buffer.combine` with ``topk_weights`` (DeepEP's order)."""
+
+    combined_x: torch.Tensor  # [T, H], dtype of the combined x
+    combined_topk_weights: torch.Tensor  # [T, K] float32: the received rows' weights summed back
+    event: EventOverlap
+
+
 def _align(n: int, a: int) -> int:
     return (n + a - 1) // a * a
+
+
+def _destination_marks(is_token_in_rank: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """``[T, R]`` int64 stand-in expert ids of a dispatch without ``topk_idx``: column r holds the first
+    expert of rank r where the token goes there, else -1, so rows route (and forward) like expert ids."""
+    r = is_token_in_rank.shape[1]
+    first = torch.arange(r, device=is_token_in_rank.device) * (num_experts // r)  # [R]
+    return torch.where(is_token_in_rank, first, -1)
+
+
+def _padded_rows(rows: int, m: int, tail: tuple, dtype: torch.dtype, device, fill) -> torch.Tensor:
+    """``[rows, *tail]`` output whose first ``m`` rows the exchange writes; the rest is ``fill``."""
+    out = torch.empty(rows, *tail, dtype=dtype, device=device)
+    if rows > m:
+        out[m:].view(torch.uint8 if dtype == FP8_DTYPE else dtype).fill_(fill)
+    return out
+
+
+def _worst_status(h: DispatchHandle, rank: int) -> tuple[Status, int]:
+    """``(status, output rows)`` of a dispatch along ``h``: WORST_OVERFLOW when this rank receives more rows
+    than ``h.num_worst_tokens`` (sent in-band, so every rank raises; the outputs are then big enough)."""
+    w, m = h.num_worst_tokens, h.num_recv_tokens
+    if w and m > w:
+        return Status(int(Code.WORST_OVERFLOW), rank, m, w), m
+    return OK, max(w, m)
 
 
 class Buffer:
@@ -142,7 +175,9 @@ class Buffer:
     # ---- dispatch ------------------------------------------------------------------------------
     def dispatch(self, x, topk_idx: torch.Tensor | None, topk_weights: torch.Tensor | None,
                  num_experts: int | None, *, fp8: bool = False, expert_alignment: int = 1,
-                 async_finish: bool = False, handle: DispatchHandle | None = None) -> DispatchOutput:
+                 async_finish: bool = False, handle: DispatchHandle | None = None,
+                 is_token_in_rank: torch.Tensor | None = None, num_tokens_per_expert: torch.Tensor | None = None,
+                 num_worst_tokens: int = 0) -> DispatchOutput:
         """Send each token once to every rank that holds one of its experts (collective).
 
         Args:
@@ -157,6 +192,19 @@ class Buffer:
                 that dispatch's format, agreed by all ranks: FP8 or not must match it; a float x of another
                 dtype travels in the handle's dtype and is received in this rank's x dtype; a rank that
                 passes no ``topk_idx`` sends the handle's routing again (``recv_topk_idx`` is then None).
+            is_token_in_rank: ``[T, R]`` bool, and ``num_tokens_per_expert``: ``[E]`` int32/int64, a layout as
+                ``get_dispatch_layout`` returns it. With ``topk_idx=None`` (and no handle) they drive the
+                dispatch alone (DeepEP's dispatch "without top-k"): token t goes to every rank r with
+                ``is_token_in_rank[t, r]``; ``num_experts`` may be None (then E = ``num_tokens_per_expert``'s
+                length); ``recv_topk_idx`` / ``recv_topk_weights`` are None and ``topk_weights`` must be None.
+                The rows then carry R int32 destination marks instead of K expert ids (the two-stage path
+                forwards by them). With ``topk_idx`` they must be its layout (checked: one host sync).
+            num_worst_tokens: > 0: fixed-size outputs of that many rows (DeepEP's name): the received rows
+                first, then zero rows (``recv_topk_idx`` -1, ``recv_topk_weights`` 0), and
+                ``num_recv_tokens_per_expert_list`` is ``[]``; combine then takes ``[num_worst_tokens, H]``.
+                A rank that receives more rows raises on every rank (from the in-band status of the data
+                exchange). On this collective transport the all-to-all's split sizes still come from the host
+                (one host sync, as without it): the shapes are fixed, the host wait is not removed.
 
         Returns :class:`DispatchOutput`. Received rows are ordered by source rank, then token index.
         ``recv_x`` is an FP8 pair when x is one or ``fp8=True``. Host sync: the counts exchange (none
@@ -164,19 +212,35 @@ class Buffer:
         Differentiable in ``x`` (float x, no fp8) and ``topk_weights``; the backward is collective.
         """
         if handle is not None:
-            return self._cached_dispatch(x, topk_idx, topk_weights, num_experts, fp8, async_finish, handle)
+            return self._cached_dispatch(x, topk_idx, topk_weights, num_experts, fp8, async_finish, handle,
+                                         num_worst_tokens)
         seq = self._guard.begin("dispatch")
         lay, r = self.layout, self.num_ranks
         status, info, k, e = OK, None, 0, 0
-        wire_fp8 = bool(fp8) or isinstance(x, (tuple, list))
+        by_layout = topk_idx is None and is_token_in_rank is not None
+        out_idx = not by_layout
         weights = topk_weights is not None
         msg_dev = self._msg_device
         try:  # any exception while preparing this rank's part becomes its status (moekit.ep.guard)
             if isinstance(x, Failure):
                 raise x.error
-            info, k, e = checks.check_dispatch(x, topk_idx, topk_weights, num_experts, r, fp8, expert_alignment)
-            in_rank = token_ranks(topk_idx, e, r)  # [T, R]
-            per_expert = tokens_per_expert(topk_idx, e)  # [E]
+            if by_layout:
+                info, e = checks.check_layout_dispatch(x, is_token_in_rank, num_tokens_per_expert, topk_weights,
+                                                       num_experts, r, fp8, expert_alignment)
+                k = r
+            else:
+                info, k, e = checks.check_dispatch(x, topk_idx, topk_weights, num_experts, r, fp8,
+                                                   expert_alignment)
+                checks.check_layout_matches(topk_idx, e, r, is_token_in_rank, num_tokens_per_expert)
+            checks.check_worst_tokens(num_worst_tokens)
+            wire_fp8 = bool(info.is_pair or fp8)
+            if by_layout:
+                in_rank = is_token_in_rank
+                topk_idx = _destination_marks(is_token_in_rank, e)  # [T, R]: routes the rows like expert ids
+                per_expert = num_tokens_per_expert.long()  # [E]
+            else:
+                in_rank = token_ranks(topk_idx, e, r)  # [T, R]
+                per_expert = tokens_per_expert(topk_idx, e)  # [E]
             msg = hmod.counts_message(in_rank, lay, per_expert).to(msg_dev)
             # The dtype of combine and of later float exchanges on the handle: x's, bf16 for an FP8 pair.
             x_dtype = torch.bfloat16 if info.is_pair else info.data.dtype
@@ -212,8 +276,10 @@ class Buffer:
             hidden=info.hidden, x_dtype=x_dtype, is_token_in_rank=in_rank, num_recv_tokens=sum(recv_counts),
             num_recv_tokens_per_expert_list=per_expert_list, send_counts=send_counts, recv_counts=recv_counts,
             send_token=send_token, dispatch_format=fmt, hier=hier, topk_idx=topk_idx.to(torch.int32),
-            topk_weights=topk_weights.detach().clone() if weights else None, seq=seq)
-        return self._dispatch_data(h, info, fp8, topk_idx, topk_weights, async_finish)
+            topk_weights=topk_weights.detach().clone() if weights else None, num_worst_tokens=num_worst_tokens,
+            seq=seq)
+        # (A layout-driven dispatch returns no recv_topk_idx: its marks travel from the handle.)
+        return self._dispatch_data(h, info, fp8, topk_idx if out_idx else None, topk_weights, async_finish)
 
     @staticmethod
     def _dispatch_format(dtype: torch.dtype, hidden: int, fp8: bool, k: int, weights: bool) -> RowFormat:
@@ -245,13 +311,15 @@ class Buffer:
         elif status.code in (Code.HANDLE_TYPE, Code.HANDLE_FOREIGN):
             raise_status(op, status, self.num_ranks)
 
-    def _cached_dispatch(self, x, topk_idx, topk_weights, num_experts, fp8, async_finish, h: DispatchHandle):
+    def _cached_dispatch(self, x, topk_idx, topk_weights, num_experts, fp8, async_finish, h: DispatchHandle,
+                         num_worst_tokens=0):
         self._guard.begin("dispatch")
         status, info = OK, None
         try:
             if isinstance(x, Failure):
                 raise x.error
             self._handle_status(h, "dispatch")
+            checks.check_worst_tokens(num_worst_tokens, h.num_worst_tokens)
             # Everything that sizes the rows must match the handle: the peers size theirs from it.
             info = checks.check_x(x)
             if info.num_tokens != h.num_tokens:
@@ -296,6 +364,8 @@ class Buffer:
         fmt = h.dispatch_format  # agreed by every rank: the same row size everywhere
         device, m, hidden = info.data.device, h.num_recv_tokens, info.hidden
         wire_fp8 = h.fp8
+        # num_worst_tokens: outputs of that many rows, the received ones first (see _padded_rows).
+        status, rows = _worst_status(h, self.rank)
         fields = {}
         if wire_fp8:
             data, scales = (info.data, info.scales) if info.is_pair else quantize_1x128(info.data.detach())
@@ -306,37 +376,39 @@ class Buffer:
         if h.has_weights:
             fields["w"] = h.topk_weights if topk_weights is None else topk_weights.detach()
         out_dtype = FP8_DTYPE if wire_fp8 else info.data.dtype
-        recv_x = torch.empty(m, hidden, dtype=out_dtype, device=device)
-        recv_scales = torch.empty(m, num_scale_cols(hidden), dtype=torch.float32, device=device) if wire_fp8 else None
         k = fields["idx"].shape[1]
-        recv_idx = torch.empty(m, k, dtype=torch.int64, device=device) if topk_idx is not None else None
-        recv_w = torch.empty(m, k, dtype=torch.float32, device=device) if topk_weights is not None else None
+        # The returned tensors have `rows` rows (> m with num_worst_tokens); the exchange fills their first m.
+        recv_x = _padded_rows(rows, m, (hidden,), out_dtype, device, 0)
+        recv_scales = _padded_rows(rows, m, (num_scale_cols(hidden),), torch.float32, device, 0) if wire_fp8 else None
+        recv_idx = _padded_rows(rows, m, (k,), torch.int64, device, -1) if topk_idx is not None else None
+        recv_w = _padded_rows(rows, m, (k,), torch.float32, device, 0) if topk_weights is not None else None
+        vx, vs, vi, vw = (t[:m] if t is not None else None for t in (recv_x, recv_scales, recv_idx, recv_w))
         epr = h.num_experts // h.num_ranks
         lo = self.rank * epr
 
         direct = {}  # fields unpacked straight into the returned tensors
         if out_dtype == fmt.fields[0].dtype:
-            direct["x"] = recv_x
-        if recv_scales is not None:
-            direct["scales"] = recv_scales
+            direct["x"] = vx
+        if vs is not None:
+            direct["scales"] = vs
 
         @torch.no_grad()
         def post(got: dict[str, torch.Tensor]) -> None:
             if "x" not in direct:
-                recv_x.copy_(got["x"])
-            if recv_idx is not None:
+                vx.copy_(got["x"])
+            if vi is not None:
                 local = got["idx"].long() - lo
                 mine = (got["idx"] >= 0) & (local >= 0) & (local < epr)
-                recv_idx.copy_(torch.where(mine, local, -1))
-                if recv_w is not None:
-                    recv_w.copy_(torch.where(mine, got["w"], 0.0))
+                vi.copy_(torch.where(mine, local, -1))
+                if vw is not None:
+                    vw.copy_(torch.where(mine, got["w"], 0.0))
 
         stage2 = (lambda idx: hmod.stage2_rows(idx, self.layout, self.rank, epr))
         event_box = []
 
         def run():
             event_box.append(self._launch(
-                lambda cpu_async: self._engine.forward("dispatch", h, fmt, fields, OK, post, cpu_async, stage2,
+                lambda cpu_async: self._engine.forward("dispatch", h, fmt, fields, status, post, cpu_async, stage2,
                                                       out=direct),
                 async_finish, device, [t for t in fields.values()]))
             return recv_x, (recv_idx if recv_idx is not None else torch.empty(0, dtype=torch.int64)), \
@@ -351,18 +423,29 @@ class Buffer:
         else:
             run()
         out_x = (recv_x, recv_scales) if wire_fp8 else recv_x
-        return DispatchOutput(out_x, recv_idx, recv_w, list(h.num_recv_tokens_per_expert_list), h, event_box[0])
+        counts = [] if h.num_worst_tokens else list(h.num_recv_tokens_per_expert_list)
+        return DispatchOutput(out_x, recv_idx, recv_w, counts, h, event_box[0])
 
     # ---- combine -------------------------------------------------------------------------------
-    def combine(self, x: torch.Tensor, handle: DispatchHandle, *, async_finish: bool = False) -> CombineOutput:
+    def combine(self, x: torch.Tensor, handle: DispatchHandle, *, topk_weights: torch.Tensor | None = None,
+                bias=None, async_finish: bool = False):
         """Sum each token's received rows back to its source rank, in the original token order (collective).
 
         Args:
             x: ``[M, H]`` bf16/fp16/fp32, rows in the order ``dispatch`` returned them (H = dispatched H).
             handle: the dispatch's handle.
+            topk_weights: ``[M, K]`` float32 (e.g. the dispatch's ``recv_topk_weights``), only after a dispatch
+                with ``topk_weights``: summed back like x, into ``combined_topk_weights [T, K]`` float32
+                (DeepEP's combine). The rows of such a handle always carry K float32 weights (zeros for a
+                rank that passes none), so that the row size never depends on this call's arguments.
+            bias: ``None``, or one or two ``[T, H]`` tensors of x's dtype added to the combined rows on the
+                token's own rank (in float32, before the cast to x's dtype). Not differentiable.
             async_finish: return at once; ``event.wait()`` completes it.
 
-        Returns ``CombineOutput(combined_x [T, H] in x's dtype, event)``; sums in float32. Rows travel in
+        Returns ``CombineOutput(combined_x [T, H] in x's dtype, event)``, or with ``topk_weights``
+        ``WeightedCombineOutput(combined_x, combined_topk_weights [T, K] float32, event)`` (DeepEP's order);
+        sums in float32. After a dispatch with ``num_worst_tokens``, x (and ``topk_weights``) have that many
+        rows; only the first ``num_recv_tokens`` are sent. Rows travel in
         the handle's dtype (the dispatched x's dtype, bf16 after an FP8 pair; agreed by all ranks): an x
         of another float dtype is converted to it before sending. The two-stage path sums a node's rows at
         the forwarder first and sends that partial sum in the handle's dtype (as DeepSeek-V3). No host
@@ -370,32 +453,59 @@ class Buffer:
         Differentiable: backward is a dispatch of the gradient (collective).
         """
         self._guard.begin("combine")
-        status = OK
+        status, bias_parts, k = OK, (), 0
         try:
             if isinstance(x, Failure):
                 raise x.error
             self._handle_status(handle, "combine")
-            checks.check_combine_x(x, handle.num_recv_tokens, handle.hidden)
+            rows = handle.num_worst_tokens or handle.num_recv_tokens
+            k = handle.topk_idx.shape[1] if handle.has_weights else 0
+            checks.check_combine_x(x, rows, handle.hidden)
+            bias_parts = checks.check_combine_extras(topk_weights, bias, rows, k, handle.has_weights,
+                                                     handle.num_tokens, handle.hidden, x.dtype, x.device)
         except Exception as err:  # noqa: BLE001 - reported on every rank
             status = self._guard.status_of(err)
         self._handle_preflight("combine", "combine", status, handle, 0)
         if not status.ok:
             x = torch.zeros(handle.num_recv_tokens, handle.hidden, dtype=handle.x_dtype,
                             device=handle.send_token.device)
-        return self._combine(x, handle, status, async_finish)
+            topk_weights, bias_parts = None, ()
+        m = handle.num_recv_tokens
+        if x.shape[0] != m:  # num_worst_tokens: the padding rows stay home
+            x = x[:m]
+        w_out = None
+        if handle.has_weights:
+            w_in = topk_weights[:m].detach() if topk_weights is not None else \
+                torch.zeros(m, k, dtype=torch.float32, device=x.device)
+            w_out = torch.empty(handle.num_tokens, k, dtype=torch.float32, device=x.device)
+        out = self._combine(x, handle, status, async_finish, (w_in, w_out) if w_out is not None else None,
+                            bias_parts)
+        if topk_weights is None:
+            return out
+        return WeightedCombineOutput(out.combined_x, w_out, out.event)
 
-    def _combine(self, x: torch.Tensor, h: DispatchHandle, status: Status, async_finish: bool) -> CombineOutput:
-        fmt = RowFormat([("x", h.x_dtype, h.hidden)])  # the handle's dtype: the same row size on every rank
+    def _combine(self, x: torch.Tensor, h: DispatchHandle, status: Status, async_finish: bool,
+                 weights=None, bias=()) -> CombineOutput:
+        # The handle's dtype (and K weights when the dispatch had them): the same row size on every rank.
+        fmt = RowFormat([("x", h.x_dtype, h.hidden)] + ([("w", torch.float32, weights[0].shape[1])]
+                                                        if weights is not None else []))
         out = torch.empty(h.num_tokens, h.hidden, dtype=x.dtype, device=x.device)
 
         @torch.no_grad()
         def post(got):
-            out.copy_(got["x"])
+            y = got["x"]
+            for b in bias:
+                y = y + b.float()
+            out.copy_(y)
+            if weights is not None:
+                weights[1].copy_(got["w"])
 
         event_box = []
 
         def run():
             fields = {"x": x.detach().to(h.x_dtype)}
+            if weights is not None:
+                fields["w"] = weights[0]
             event_box.append(self._launch(
                 lambda cpu_async: self._engine.reverse("combine", h, fmt, fields, status, post, cpu_async),
                 async_finish, x.device, [fields["x"]]))  # (the converted copy, when there is one, is what travels)
@@ -410,7 +520,7 @@ class Buffer:
     # ---- low-latency mode ------------------------------------------------------------------------
     def low_latency_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, num_max_dispatch_tokens_per_rank: int,
                              num_experts: int, *, use_fp8: bool = True, async_finish: bool = False,
-                             return_recv_hook: bool = False):
+                             return_recv_hook: bool = False, round_scale: bool = True):
         """Fixed-capacity dispatch with no host synchronisation (collective), DeepEP's low-latency layout.
 
         Args:
@@ -418,7 +528,9 @@ class Buffer:
             topk_idx: ``[T, K]`` int64 in ``[-1, E)``, ``-1`` = none.
             num_max_dispatch_tokens_per_rank, num_experts, H, x's dtype and ``use_fp8`` size the exchange:
                 they must be the same on every rank.
-            use_fp8: send e4m3 with 1x128 power-of-two scales (H % 128 == 0).
+            use_fp8: send e4m3 with 1x128 scales (H % 128 == 0).
+            round_scale: the scales are rounded up to powers of two (DeepSeek-V3's recipe, exact to
+                dequantize); ``False``: plain ``amax / 448`` (DeepEP's low-latency default).
             async_finish / return_recv_hook: return at once; ``event.wait()`` or ``hook()`` completes.
 
         Returns ``LowLatencyDispatchOutput(recv_x [L, R*C, H] (or the FP8 pair, scales [L, R*C, H/128]),
@@ -432,7 +544,8 @@ class Buffer:
         from .low_latency import low_latency_dispatch
         seq = self._guard.begin("low_latency_dispatch")
         out = low_latency_dispatch(self, x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
-                                   use_fp8=use_fp8, async_finish=async_finish, return_recv_hook=return_recv_hook)
+                                   use_fp8=use_fp8, async_finish=async_finish, return_recv_hook=return_recv_hook,
+                                   round_scale=round_scale)
         out.handle.seq = seq  # the handle's identity (guard.py)
         return out
 
@@ -484,6 +597,8 @@ class Buffer:
         weights), so that ranks whose inputs need different gradients still send rows of one size.
         """
         device, m = h.send_token.device, h.num_recv_tokens
+        if h.num_worst_tokens:  # the padding rows of a num_worst_tokens dispatch were never sent
+            gx, gw = (g[:m] if g is not None else None for g in (gx, gw))
         spec, fields = [], {}
         want_x = gx is not None
         if not h.fp8:  # an FP8 dispatch is not differentiable in x on any rank

@@ -170,3 +170,83 @@ def check_combine_x(x, num_rows: int, hidden: int) -> torch.Tensor:
     if x.shape[1] != hidden:
         raise InputError(Code.CX_HIDDEN, x.shape[1], hidden)
     return x
+
+
+# ---- layout-driven dispatch, num_worst_tokens, combine's weights and bias (DeepEP's normal-mode arguments) ----
+
+def check_layout(is_token_in_rank, num_tokens_per_expert, num_experts, num_tokens: int, num_ranks: int,
+                 device: torch.device) -> int:
+    """``is_token_in_rank`` [T, R] bool and ``num_tokens_per_expert`` [E] int32/int64; returns E (from the
+    argument ``num_experts`` when given, else from ``num_tokens_per_expert``)."""
+    if not isinstance(is_token_in_rank, torch.Tensor) or is_token_in_rank.dtype != torch.bool \
+            or tuple(is_token_in_rank.shape) != (num_tokens, num_ranks) or is_token_in_rank.device != device:
+        raise InputError(Code.LAYOUT_IN_RANK, num_tokens, num_ranks)
+    per_expert = num_tokens_per_expert
+    if not isinstance(per_expert, torch.Tensor) or per_expert.dtype not in (torch.int32, torch.int64) \
+            or per_expert.dim() != 1 or per_expert.numel() == 0 or per_expert.numel() % num_ranks \
+            or per_expert.device != device \
+            or (num_experts is not None and num_experts != per_expert.numel()):
+        raise InputError(Code.LAYOUT_EXPERTS, num_ranks)
+    return per_expert.numel()
+
+
+def check_layout_dispatch(x, is_token_in_rank, num_tokens_per_expert, topk_weights, num_experts, num_ranks: int,
+                          fp8: bool, expert_alignment) -> tuple[XInfo, int]:
+    """All checks of a dispatch driven by a precomputed layout, without ``topk_idx``; returns ``(x info, E)``."""
+    info = check_x(x)
+    if topk_weights is not None:
+        raise InputError(Code.W_WITHOUT_IDX)
+    e = check_layout(is_token_in_rank, num_tokens_per_expert, num_experts, info.num_tokens, num_ranks,
+                     info.data.device)
+    if fp8 and not info.is_pair and info.hidden % 128 != 0:
+        raise InputError(Code.FP8_HIDDEN, info.hidden)
+    if isinstance(expert_alignment, bool) or not isinstance(expert_alignment, int) or expert_alignment < 1:
+        raise InputError(Code.ALIGNMENT, expert_alignment if isinstance(expert_alignment, int) else 0)
+    return info, e
+
+
+def check_layout_matches(topk_idx: torch.Tensor, num_experts: int, num_ranks: int, is_token_in_rank,
+                         num_tokens_per_expert) -> None:
+    """A layout passed along with a validated ``topk_idx`` must be its layout (one host sync)."""
+    from .layout import token_ranks, tokens_per_expert  # (layout.py imports nothing from here)
+    if is_token_in_rank is not None:
+        check_layout(is_token_in_rank, torch.zeros(num_experts, dtype=torch.int64, device=topk_idx.device),
+                     None, topk_idx.shape[0], num_ranks, topk_idx.device)
+        if not torch.equal(is_token_in_rank, token_ranks(topk_idx, num_experts, num_ranks)):
+            raise InputError(Code.LAYOUT_MISMATCH, 0)
+    if num_tokens_per_expert is not None:
+        check_layout(torch.zeros(topk_idx.shape[0], num_ranks, dtype=torch.bool, device=topk_idx.device),
+                     num_tokens_per_expert, num_experts, topk_idx.shape[0], num_ranks, topk_idx.device)
+        if not torch.equal(num_tokens_per_expert.long(), tokens_per_expert(topk_idx, num_experts)):
+            raise InputError(Code.LAYOUT_MISMATCH, 1)
+
+
+def check_worst_tokens(num_worst_tokens, handle_value: int | None = None) -> int:
+    """An int >= 0; with a handle (``handle_value``) 0 or the handle's own value."""
+    bad = isinstance(num_worst_tokens, bool) or not isinstance(num_worst_tokens, int) or num_worst_tokens < 0
+    if not bad and handle_value is not None and num_worst_tokens not in (0, handle_value):
+        bad = True
+    if bad:
+        raise InputError(Code.WORST_TOKENS, num_worst_tokens if isinstance(num_worst_tokens, int) else -1,
+                         -1 if handle_value is None else handle_value)
+    return num_worst_tokens
+
+
+def check_combine_extras(topk_weights, bias, num_rows: int, num_topk: int, has_weights: bool, num_tokens: int,
+                         hidden: int, x_dtype: torch.dtype, device: torch.device) -> tuple:
+    """combine's ``topk_weights`` [rows, K] fp32 (only after a dispatch with weights) and ``bias``: None, a
+    ``[T, H]`` tensor of x's dtype, or a pair of them. Returns the bias tensors as a tuple."""
+    if topk_weights is not None:
+        if not has_weights:
+            raise InputError(Code.CW_WEIGHTS, -1)
+        if not isinstance(topk_weights, torch.Tensor) or topk_weights.dtype != torch.float32 \
+                or tuple(topk_weights.shape) != (num_rows, num_topk) or topk_weights.device != device:
+            raise InputError(Code.CW_WEIGHTS, num_rows, num_topk)
+    if bias is None:
+        return ()
+    parts = tuple(bias) if isinstance(bias, (tuple, list)) else (bias,)
+    if not 1 <= len(parts) <= 2 or not all(
+            isinstance(b, torch.Tensor) and tuple(b.shape) == (num_tokens, hidden) and b.dtype == x_dtype
+            and b.device == device for b in parts):
+        raise InputError(Code.CW_BIAS, num_tokens, hidden, dtype_code(x_dtype))
+    return parts

@@ -51,14 +51,22 @@ class Code(enum.IntEnum):
     LL_COMBINE_X = 31
     LL_ROUTING = 32
     LL_HANDLE = 33
-    DENSE = 34  # a = argument (ARGS), b = 0 sparse layout / 1 meta device
-    EXPERTS_LARGE = 35  # a = num_experts (clamped to int64)
-    EXCEPTION = 36  # a = exception type (EXCEPTION_TYPES); its text travels separately (moekit.ep.guard)
-    HANDLE_TYPE = 37  # a = what was passed (HANDLE_KINDS), b = what the call needs
-    HANDLE_FOREIGN = 38
-    HANDLE_STALE = 39  # a = field (IDENTITY_FIELDS), b = value on rank 0, c = value on `rank`
-    OP_MISMATCH = 40  # a = call on rank 0, b = call on `rank` (CALLS)
-    LAYER_HIDDEN = 41  # a = hidden_size, b = the last dim given, c = its ndim
+    LAYOUT_IN_RANK = 34
+    LAYOUT_EXPERTS = 35
+    LAYOUT_MISMATCH = 36
+    W_WITHOUT_IDX = 37
+    WORST_TOKENS = 38
+    WORST_OVERFLOW = 39
+    CW_WEIGHTS = 40
+    CW_BIAS = 41
+    DENSE = 42  # a = argument (ARGS), b = 0 sparse layout / 1 meta device
+    EXPERTS_LARGE = 43  # a = num_experts (clamped to int64)
+    EXCEPTION = 44  # a = exception type (EXCEPTION_TYPES); its text travels separately (moekit.ep.guard)
+    HANDLE_TYPE = 45  # a = what was passed (HANDLE_KINDS), b = what the call needs
+    HANDLE_FOREIGN = 46
+    HANDLE_STALE = 47  # a = field (IDENTITY_FIELDS), b = value on rank 0, c = value on `rank`
+    OP_MISMATCH = 48  # a = call on rank 0, b = call on `rank` (CALLS)
+    LAYER_HIDDEN = 49  # a = hidden_size, b = the last dim given, c = its ndim
 
 
 # Dtypes are sent as their index in this table.
@@ -184,6 +192,29 @@ def _render(code: Code, a: int, b: int, c: int) -> tuple[type[Exception], str]:
         return ValueError, f"topk_idx and topk_weights must be int64 and float32 [{a}, num_topk] (the dispatch's T)"
     if code == Code.LL_HANDLE:
         return TypeError, "handle must be the LowLatencyHandle of a low_latency_dispatch of this Buffer"
+    if code == Code.LAYOUT_IN_RANK:
+        return ValueError, f"is_token_in_rank must be a torch.bool tensor [num_tokens={a}, num_ranks={b}] on x's device"
+    if code == Code.LAYOUT_EXPERTS:
+        return ValueError, (f"num_tokens_per_expert must be an int32/int64 tensor [num_experts] on x's device, "
+                            f"num_experts a positive multiple of the number of ranks ({a}) and equal to num_experts "
+                            f"when both are given")
+    if code == Code.LAYOUT_MISMATCH:
+        what = "is_token_in_rank" if a == 0 else "num_tokens_per_expert"
+        return ValueError, f"{what} is not the layout of topk_idx (get_dispatch_layout(topk_idx, num_experts))"
+    if code == Code.W_WITHOUT_IDX:
+        return ValueError, "topk_weights needs topk_idx: a layout-driven dispatch without topk_idx carries no weights"
+    if code == Code.WORST_TOKENS:
+        return ValueError, (f"num_worst_tokens must be an int >= 0 (with a handle: 0 or the handle's, {b}), "
+                            f"got {a}")
+    if code == Code.WORST_OVERFLOW:
+        return ValueError, f"num_worst_tokens ({b}) is too small: this rank receives {a} rows"
+    if code == Code.CW_WEIGHTS:
+        if a < 0:
+            return ValueError, "combine got topk_weights, but the dispatch that made the handle had no topk_weights"
+        return ValueError, f"combine's topk_weights must be float32 [num_recv_tokens={a}, num_topk={b}]"
+    if code == Code.CW_BIAS:
+        return ValueError, (f"combine's bias must be a tensor or a pair of tensors [num_tokens={a}, hidden={b}] "
+                            f"of combine's x dtype ({dtype_name(c)})")
     if code == Code.DENSE:
         what = "a sparse tensor" if b == 0 else "a tensor on the meta device (it has no data; materialise it first)"
         return ValueError, f"{ARGS[a]} must be a dense (strided) tensor with data, got {what}"

@@ -53,7 +53,8 @@ _instances: dict[int, itertools.count] = {}  # Buffers per key in this process: 
 
 
 def call_code(name: str) -> int:
-    return CALLS.index(name)
+    """Index of ``errors.CALLS`` (another name counts as ``"Buffer.agree"``)."""
+    return CALLS.index(name) if name in CALLS else CALLS.index("Buffer.agree")
 
 
 def key_hash(key: tuple) -> int:

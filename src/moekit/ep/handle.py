@@ -70,6 +70,9 @@ class DispatchHandle:
     # The dispatch's routing, sent again by a cached dispatch that passes none (the row size is fixed).
     topk_idx: torch.Tensor | None = None  # [T, K] int32 global expert ids
     topk_weights: torch.Tensor | None = None  # [T, K] float32, when the dispatch had weights
+    # > 0: the dispatch returned fixed-size outputs of this many rows (DeepEP's num_worst_tokens); combine
+    # then takes that many rows (only the first num_recv_tokens are sent).
+    num_worst_tokens: int = 0
     # Identity (with ``key``): the number of the Buffer call that made it; compared across ranks before
     # any row of a combine / cached dispatch moves (moekit.ep.guard), so a stale handle is an error.
     seq: int = 0

@@ -148,7 +148,7 @@ def _finish(works, async_finish: bool, return_recv_hook: bool, finish):
 
 def low_latency_dispatch(buffer, x: torch.Tensor, topk_idx: torch.Tensor, num_max_dispatch_tokens_per_rank: int,
                          num_experts: int, *, use_fp8: bool = True, async_finish: bool = False,
-                         return_recv_hook: bool = False) -> LowLatencyDispatchOutput:
+                         return_recv_hook: bool = False, round_scale: bool = True) -> LowLatencyDispatchOutput:
     op, r, rank = "low_latency_dispatch", buffer.num_ranks, buffer.rank
     status, sizes = OK, None
     try:
@@ -188,7 +188,7 @@ def low_latency_dispatch(buffer, x: torch.Tensor, topk_idx: torch.Tensor, num_ma
         chosen = chosen[:, :e]  # [T, E]
         slot = torch.cumsum(chosen.long(), 0) - 1  # [T, E]
         head[:, STATUS_INTS + META_INTS:] = chosen.sum(0).view(r, l)
-        fields = dict(zip(("x", "scales"), quantize_1x128(x.detach()))) if fp8 else {"x": x.detach()}
+        fields = dict(zip(("x", "scales"), quantize_1x128(x.detach(), round_scale))) if fp8 else {"x": x.detach()}
         # One copy per (token, k) into its slot; masked (or out-of-range) entries go to the spare last row.
         # No nonzero(): its output size would need a host sync.
         valid = (topk_idx >= 0) & (topk_idx < e)

@@ -336,32 +336,21 @@ class _DispatchLink(torch.autograd.Function):
         out: dict[str, torch.Tensor] = {}
 
         def launch(async_finish: bool) -> list:
-            c = ctx.buffer.combine(grad_x.contiguous(), ctx.handle, async_finish=async_finish)
-            out["x"] = c.combined_x
-            events = [c.event]
+            gw = None
             if ctx.linked_w:
                 gw = torch.zeros_like(ctx.recv_idx, dtype=torch.float32) if grad_w is None else \
                     torch.where(ctx.recv_idx >= 0, grad_w, 0.0).float()  # [M, K]
-                # The public combine takes [M, H] rows in the dispatched x's dtype: the weights' gradient
-                # travels as exact parts of it (see _split_exact), zero-padded to H columns. Each (token, k)
-                # is nonzero on one rank only, so the sums are exact and so is the rebuilt fp32 value.
-                parts = _split_exact(gw, ctx.wire_dtype)  # [M, P*K]
-                combined = []
-                for c0 in range(0, parts.shape[1], ctx.hidden):
-                    chunk = parts[:, c0:c0 + ctx.hidden]
-                    padded = chunk.new_zeros(chunk.shape[0], ctx.hidden)
-                    padded[:, :chunk.shape[1]] = chunk
-                    c = ctx.buffer.combine(padded, ctx.handle, async_finish=async_finish)
-                    combined.append((c.combined_x, chunk.shape[1]))
-                    events.append(c.event)
-                out["w"] = combined
-            return events
+            # One combine carries both: topk_weights' gradient travels as fp32 (each (token, k) is nonzero on
+            # one rank only, so its fp32 sum is exact), as in the Buffer's own backward.
+            c = ctx.buffer.combine(grad_x.contiguous(), ctx.handle, topk_weights=gw, async_finish=async_finish)
+            out["x"] = c.combined_x
+            if ctx.linked_w:
+                out["w"] = c.combined_topk_weights
+            return [c.event]
 
         _run_transfers(launch)
         gx = out["x"] if ctx.needs_input_grad[0] else None
-        gw = None
-        if ctx.linked_w and ctx.needs_input_grad[1]:
-            gw = _join_exact(torch.cat([p[:, :n] for p, n in out["w"]], dim=1), ctx.recv_idx.shape[1])
+        gw = out["w"] if ctx.linked_w and ctx.needs_input_grad[1] else None
         return gx, gw, None, None, None, None
 
 
@@ -388,7 +377,8 @@ class _CombineLink(torch.autograd.Function):
 
 
 def _split_exact(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """fp32 ``v [M, K]`` as ``P`` parts ``[M, P*K]`` of ``dtype`` whose fp32 sum, in order, is exactly ``v``:
+    """(No longer used by the backward, which sends the weights' gradient through ``combine(topk_weights=)``.)
+    fp32 ``v [M, K]`` as ``P`` parts ``[M, P*K]`` of ``dtype`` whose fp32 sum, in order, is exactly ``v``:
     one part for fp32; for bf16 three, each the top 8 significant bits of what is left (truncated, so
     nothing rounds up to inf). Exact for 0 and for |v| >= 2^-110 (~8e-34; below it the last part would
     need bits under bf16's smallest subnormal, and rounds). inf / nan go whole."""
@@ -418,8 +408,8 @@ def _join_exact(parts: torch.Tensor, k: int) -> torch.Tensor:
 def _cuts(moe: nn.Module, x: torch.Tensor) -> tuple[str, ...]:
     """Which of the MoE's transfers the public Buffer API can run backward bitwise as the Buffer's own
     autograd does: the combine's gradient (a cached dispatch) not after an FP8 dispatch (that handle's
-    cached dispatch is FP8, the gradient is not); the dispatch's gradient only when topk_weights' fp32
-    gradient travels exactly in the rows' dtype (fp32 or bf16; not fp16)."""
+    cached dispatch is FP8, the gradient is not); the dispatch's gradient for fp32 and bf16 x (fp16 could
+    be cut too now that combine carries topk_weights' gradient as fp32; not enabled yet)."""
     if not hasattr(moe, "forward_steps_cut"):
         return ()
     cut = []
