@@ -63,6 +63,7 @@ def _cases(buf: Buffer, rank: int, world: int, two_stage: bool):
     ll = buf.low_latency_dispatch(x.bfloat16(), idx, 8, e, use_fp8=False)
     other = Buffer(ranks_per_node=1, hierarchical=False).dispatch(x, idx, w, e)  # another layout's handle
     meta_x = torch.empty(6, 128, device="meta")
+    lay = buf.get_dispatch_layout(idx, e)
     cases = [
         (Fault("huge num_experts", "`num_experts` = 2**40 (an allocation would fail)", "ValueError",
                "num_experts (1099511627776) must be < 2**31"),
@@ -82,6 +83,10 @@ def _cases(buf: Buffer, rank: int, world: int, two_stage: bool):
         (Fault("allocation fails", "an allocation fails while a rank prepares its part (injected OOM)",
                "MemoryError", "OutOfMemoryError: injected: cannot allocate"),
          lambda: _with_oom(bad, lambda: buf.dispatch(x, idx, w, e))),
+        (Fault("layout on meta", "layout-driven `dispatch` with `is_token_in_rank` on the meta device", "ValueError",
+               "is_token_in_rank must be a torch.bool tensor"),
+         lambda: buf.dispatch(x, None, None, e, is_token_in_rank=lay.is_token_in_rank.to("meta") if bad
+                              else lay.is_token_in_rank, num_tokens_per_expert=lay.num_tokens_per_expert)),
         (Fault("combine(x, None)", "`combine(x, None)`", "TypeError", "handle must be a DispatchHandle"),
          lambda: buf.combine(cur.recv_x, None if bad else cur.handle)),
         (Fault("combine, low-latency handle", "`combine` with a low-latency handle", "TypeError",
