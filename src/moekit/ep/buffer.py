@@ -210,6 +210,8 @@ class Buffer:
         ``recv_x`` is an FP8 pair when x is one or ``fp8=True``. Host sync: the counts exchange (none
         with a handle unless ``topk_idx`` is given, which is checked against the handle).
         Differentiable in ``x`` (float x, no fp8) and ``topk_weights``; the backward is collective.
+        Faults (docs/ep.md, "Faults"): whatever one rank raises while preparing its part is raised on every
+        rank, naming that rank; a wait longer than the Buffer's ``timeout`` raises ``PeerTimeout``.
         """
         if handle is not None:
             return self._cached_dispatch(x, topk_idx, topk_weights, num_experts, fp8, async_finish, handle,
