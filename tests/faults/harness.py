@@ -51,13 +51,13 @@ def _oom(*args, **kwargs):
     raise torch.OutOfMemoryError("injected: cannot allocate 8.00 GiB")
 
 
-def _cases(buf: Buffer, rank: int, world: int, two_stage: bool):
-    """(Fault, call) pairs; ``call()`` runs the faulty call on this rank (bad only on BAD)."""
+def _cases(buf: Buffer, rank: int, world: int, two_stage: bool, bad_rank: int = BAD):
+    """(Fault, call) pairs; ``call()`` runs the faulty call on this rank (bad only on ``bad_rank``)."""
     e = 2 * world
     case = Case([6] * world, 128, 2, e, "masked", seed=5)
     xs, idxs, ws = make_inputs(case, world)
     x, idx, w = xs[rank], idxs[rank], ws[rank]
-    bad = rank == BAD
+    bad = rank == bad_rank
     first = buf.dispatch(x, idx, w, e)  # an earlier call's handle
     cur = buf.dispatch(x, idx, w, e)
     ll = buf.low_latency_dispatch(x.bfloat16(), idx, 8, e, use_fp8=False)
@@ -133,15 +133,16 @@ def _outcome(call):
     return got, time.perf_counter() - t0
 
 
-def run_in_group(rank: int, world: int, two_stage: bool = False) -> list:
-    """Every in-group case on this rank: ``[(Fault, outcome, seconds, reusable)]``."""
+def run_in_group(rank: int, world: int, two_stage: bool = False, bad_rank: int = BAD) -> list:
+    """Every in-group case on this rank: ``[(Fault, outcome, seconds, reusable)]``; ``bad_rank`` misbehaves
+    (the MoE layer's cases always use BAD)."""
     buf = Buffer(ranks_per_node=2 if two_stage else None, hierarchical=two_stage, timeout=60.0)
     out = []
-    for i, (fault, call) in enumerate(_cases(buf, rank, world, two_stage)):
+    for i, (fault, call) in enumerate(_cases(buf, rank, world, two_stage, bad_rank)):
         got, dt = _outcome(call)
         check_dispatch_combine(buf, Case([4] * world, 16, 2, 2 * world, "masked", seed=40 + i), rank, world)
         out.append((fault, got, dt, True))
-    for fault, call in _layer_cases(rank, world):
+    for fault, call in _layer_cases(rank, world) if bad_rank == BAD else ():
         got, dt = _outcome(call)
         out.append((fault, got, dt, True))
     return out

@@ -22,7 +22,7 @@ def _body(msg: str) -> str:
     return re.sub(r"^moekit\.Buffer\.[\w.]+: ", "", msg)
 
 
-def _check_rows(results):
+def _check_rows(results, bad=BAD):
     for i, (fault, *_rest) in enumerate(results[0]):
         per_rank = [r[i][1] for r in results]
         assert per_rank[0] is not None, f"{fault.name}: no error raised"
@@ -32,13 +32,18 @@ def _check_rows(results):
         msg = per_rank[0][1]
         assert fault.text in msg, (fault.name, msg)
         if fault.names_rank:
-            assert f"rank {BAD} of {WORLD}" in msg, (fault.name, msg)
+            assert f"rank {bad} of {WORLD}" in msg, (fault.name, msg)
         assert max(r[i][2] for r in results) < BOUND_S, (fault.name, [r[i][2] for r in results])
         assert all(r[i][3] for r in results)  # a valid call right after succeeded (checked on the ranks)
 
 
 def test_faults_on_one_rank_flat():
     _check_rows(spawn(run_in_group, WORLD, False))
+
+
+def test_faults_on_rank_zero():
+    """Rank 0 misbehaving: the message still names it (handle identities are compared to the majority)."""
+    _check_rows(spawn(run_in_group, WORLD, False, 0), bad=0)
 
 
 def test_faults_on_one_rank_two_stage():

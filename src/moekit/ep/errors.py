@@ -64,8 +64,8 @@ class Code(enum.IntEnum):
     EXCEPTION = 44  # a = exception type (EXCEPTION_TYPES); its text travels separately (moekit.ep.guard)
     HANDLE_TYPE = 45  # a = what was passed (HANDLE_KINDS), b = what the call needs
     HANDLE_FOREIGN = 46
-    HANDLE_STALE = 47  # a = field (IDENTITY_FIELDS), b = value on rank 0, c = value on `rank`
-    OP_MISMATCH = 48  # a = call on rank 0, b = call on `rank` (CALLS)
+    HANDLE_STALE = 47  # a = field (IDENTITY_FIELDS), b = the majority's value, c = the value on `rank`
+    OP_MISMATCH = 48  # a = the majority's call, b = the call on `rank` (CALLS)
     LAYER_HIDDEN = 49  # a = hidden_size, b = the last dim given, c = its ndim
 
 
@@ -228,12 +228,12 @@ def _render(code: Code, a: int, b: int, c: int) -> tuple[type[Exception], str]:
         return ValueError, ("handle is from another layout: it was made by a Buffer over another group, node layout "
                             "or path")
     if code == Code.HANDLE_STALE:
-        return ValueError, (f"handle differs from rank 0's in the {IDENTITY_FIELDS[a]}: rank 0's is {b}, this "
-                            f"rank's is {c} (a stale handle from an earlier call, or another Buffer's): every rank "
-                            "must pass the handle of the same call")
+        return ValueError, (f"handle differs from the other ranks' in the {IDENTITY_FIELDS[a]}: theirs is {b}, "
+                            f"this rank's is {c} (a stale handle from an earlier call, or another Buffer's): every "
+                            "rank must pass the handle of the same call")
     if code == Code.OP_MISMATCH:
-        return ValueError, (f"ranks call different methods: rank 0 calls {CALLS[a]}, this rank calls {CALLS[b]} "
-                            "(every rank must make the same collective calls in the same order)")
+        return ValueError, (f"ranks call different methods: the other ranks call {CALLS[a]}, this rank calls "
+                            f"{CALLS[b]} (every rank must make the same collective calls in the same order)")
     if code == Code.LAYER_HIDDEN:
         return ValueError, f"MoE: hidden_states must be [..., hidden_size={a}], got a {c}-D tensor ending in {b}"
     raise AssertionError(f"unknown status code {code}")

@@ -25,6 +25,7 @@ Three mechanisms, one per kind of fault (see docs/ep.md, "Faults"):
 
 from __future__ import annotations
 
+import collections
 import itertools
 import time
 import zlib
@@ -184,9 +185,14 @@ class Guard:
 
 
 def identity_mismatch(idents: list[list[int]]) -> Status:
-    """The lowest rank whose call or handle identity differs from rank 0's, or OK."""
-    ref = idents[0]
-    for s, row in enumerate(idents):
+    """The lowest rank whose call or handle identity differs from the majority's (rank 0's on a tie), or OK.
+
+    The majority, not rank 0: with one misbehaving rank — rank 0 included — the rank named is the bad one.
+    """
+    rows = [tuple(int(v) for v in row) for row in idents]
+    counts = collections.Counter(rows)
+    ref = max(counts, key=lambda r: (counts[r], r == rows[0]))
+    for s, row in enumerate(rows):
         if row[0] != ref[0]:
             return Status(int(Code.OP_MISMATCH), s, ref[0], row[0])
         if row[3] != ref[3]:
