@@ -45,6 +45,10 @@ class MoEConfig:
     seq_aux_loss_alpha: float = 0.0001
     expert_backend: str = "torch"  # "torch" (bf16/fp32 grouped) or "fp8" (Triton FP8 grouped GEMM)
     dispatch_fp8: bool = False  # send dispatched rows in FP8 (1x128 power-of-two scales), as DeepSeek-V3
+    # dtype of the expert GEMMs (routed and shared; torch backend): None = the parameters' dtype. With fp32
+    # parameters and torch.bfloat16 here, the weights are fp32 master weights cast per call, the GEMMs
+    # run in bf16 and the gradients reach the fp32 weights; the gate always stays fp32.
+    compute_dtype: Any = None
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:
@@ -93,6 +97,7 @@ class MoEConfig:
             raise ValueError(f"MoEConfig.bias_update_speed must be >= 0, got {self.bias_update_speed}")
         if self.seq_aux_loss_alpha < 0:
             raise ValueError(f"MoEConfig.seq_aux_loss_alpha must be >= 0, got {self.seq_aux_loss_alpha}")
+        self.compute_dtype = _compute_dtype(self.compute_dtype)
 
     @property
     def experts_per_group(self) -> int:
@@ -182,6 +187,28 @@ class MoEConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown MoEConfig preset {name!r}; choose from {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
+
+
+_COMPUTE_DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
+                   "half": "float16", "float32": "float32", "fp32": "float32", "float": "float32"}
+
+
+def _compute_dtype(value: Any):
+    """None, or a float torch dtype from a dtype or its name ("bfloat16", "torch.bfloat16", "bf16", ...)."""
+    if value is None:
+        return None
+    import torch  # lazy: the config module stays importable without torch
+
+    if isinstance(value, torch.dtype):
+        name = str(value).removeprefix("torch.")
+    elif isinstance(value, str):
+        name = value.removeprefix("torch.")
+    else:
+        name = None
+    if name not in _COMPUTE_DTYPES:
+        raise ValueError(f"MoEConfig.compute_dtype must be None, torch.bfloat16, torch.float16 or torch.float32 "
+                         f"(or their names), got {value!r}")
+    return getattr(torch, _COMPUTE_DTYPES[name])
 
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -2,8 +2,10 @@
 
 ``spawn(fn, world_size, *args)`` calls ``fn(rank, world_size, *args)`` on every rank with the default
 process group initialised (gloo on a free local port) and returns the list of the ranks' return
-values. A rank that raises makes ``spawn`` raise in the caller with that rank's traceback; ranks that
-do not finish within ``timeout`` seconds are killed and ``spawn`` raises ``TimeoutError``.
+values. A rank that raises makes ``spawn`` raise in the caller with that rank's traceback; a rank that
+exits without a result (``os._exit``, a signal) makes it raise :class:`RankError` saying so (unless
+``missing_ok``); ranks that do not finish within ``timeout`` seconds are killed and ``spawn`` raises
+``TimeoutError``.
 """
 
 from __future__ import annotations
@@ -46,16 +48,22 @@ def _entry(rank, fn, world_size, port, backend, outdir, threads, args):
             f.write(traceback.format_exc())
         raise
     finally:
-        dist.destroy_process_group()
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - a group broken by an injected fault; the result is saved
+            pass
 
 
 def spawn(fn, world_size: int, *args, timeout: float = 300.0, backend: str = "gloo",
-          start_method: str | None = None, threads: int = 1, ranks_per_node: int | None = None) -> list:
+          start_method: str | None = None, threads: int = 1, ranks_per_node: int | None = None,
+          missing_ok: bool = False) -> list:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` ranks; return their results in rank order.
 
     ``fn`` must be a module-level function (it is pickled). ``ranks_per_node`` sets
     ``LOCAL_WORLD_SIZE`` in the ranks, so that :func:`moekit.dist.default_ranks_per_node` sees it.
     ``start_method`` defaults to ``fork`` on Linux (no torch re-import per rank), else ``spawn``.
+    ``missing_ok``: a rank that exits without a result (fault-injection tests kill ranks on purpose)
+    gives ``None`` instead of a :class:`RankError`.
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
@@ -91,8 +99,18 @@ def spawn(fn, world_size: int, *args, timeout: float = 300.0, backend: str = "gl
                         with open(path) as f:
                             errs.append(f"--- rank {r} ---\n{f.read()}")
                 raise RankError("\n".join(errs) or str(e)) from None
-            return [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False)
-                    for r in range(world_size)]
+            results = []
+            for r in range(world_size):
+                path = os.path.join(outdir, f"rank{r}.pt")
+                if os.path.exists(path):
+                    results.append(torch.load(path, weights_only=False))
+                elif missing_ok:
+                    results.append(None)
+                else:
+                    raise RankError(f"spawn: rank {r} of {world_size} exited (exit code "
+                                    f"{ctx.processes[r].exitcode}) without returning a result: it left fn "
+                                    "early (os._exit, sys.exit in a child, a signal)")
+            return results
     finally:
         if old is None:
             os.environ.pop("LOCAL_WORLD_SIZE", None)

@@ -43,6 +43,12 @@ def reference_route(scores, bias, cfg, num_nodes):
     return torch.tensor(out_idx, dtype=torch.int64), torch.tensor(out_w, dtype=torch.float64)
 
 
+def reference_scores(x, weight, scoring):
+    """``[T, E]`` float64 affinities from the logits ``x @ W^T`` (sigmoid, or softmax over the experts)."""
+    logits = x.double() @ weight.detach().double().T
+    return logits.sigmoid() if scoring == "sigmoid" else logits.softmax(dim=-1)
+
+
 def check_same(idx, w, ref_idx, ref_w):
     # Same experts in the same order (both best-first by biased score), same weights.
     assert torch.equal(idx, ref_idx)
@@ -111,6 +117,9 @@ def test_gate_matches_reference(shape, t, scoring, norm, bias_scale, seed):
     out = gate(x)
     assert out.topk_idx.shape == (t, k) and out.topk_idx.dtype == torch.int64
     assert out.topk_weights.dtype == torch.float32
+    # The scoring step, from the logits in float64 (routing below is checked on the gate's own fp32 scores:
+    # re-deriving it from other scores would make near-ties flip).
+    torch.testing.assert_close(out.scores.double(), reference_scores(x, gate.weight, scoring), rtol=1e-5, atol=1e-6)
     ref_idx, ref_w = reference_route(out.scores, gate.e_score_correction_bias, cfg, nodes)
     check_same(out.topk_idx, out.topk_weights, ref_idx.view(t, k), ref_w.view(t, k))
     if t:

@@ -24,9 +24,10 @@ from . import checks
 from . import handle as hmod
 from .autograd import CombineFn, DispatchFn
 from .engine import Engine
-from .errors import OK, Code, InputError, Status, dtype_code, first_failure, meta_mismatch, raise_status
+from .errors import OK, Code, InputError, Status, dtype_code, meta_mismatch, raise_status
 from .event import EventOverlap
 from .fp8 import FP8_DTYPE, num_scale_cols, quantize_1x128
+from .guard import Failure, Guard, handle_kind, identity_mismatch
 from .handle import DispatchHandle
 from .layout import DispatchLayout, get_dispatch_layout, token_ranks, tokens_per_expert
 from .stats import TrafficStats
@@ -101,6 +102,16 @@ class Buffer:
             communicators with ``max_ctas = num_sms`` (collective over the world); otherwise recorded only.
         hierarchical: ``None`` = two-stage when there are several nodes of several ranks; ``False``
             forces the flat path, ``True`` the two-stage path.
+        timeout: seconds that any wait of a collective call may last (default 300 s, well under gloo's
+            and NCCL's 30-minute group default); past it, or when a peer's connection is lost, the call
+            raises :class:`moekit.ep.PeerTimeout` naming the ranks that did not arrive, and the Buffer
+            refuses further calls (the process group must be rebuilt). NCCL's stream-ordered
+            all-to-alls are bounded by the process group's own timeout instead (docs/ep.md, "Faults").
+        check_handles: exchange a small status + handle-identity message before the rows of a combine,
+            cached dispatch or low-latency combine, so that a stale, foreign or mismatched handle (or
+            ranks calling different methods) is a collective ``ValueError`` instead of a mismatched
+            all-to-all. ``None`` = on for host-check backends (gloo: no host sync to lose), off on
+            device backends (it would add a host sync to combine).
 
     Construction is collective when the two-stage path is used (it creates the node sub-groups with
     ``moekit.dist.new_node_groups``) or when ``num_sms`` limits NCCL's CTAs: every rank of the world must
@@ -110,9 +121,12 @@ class Buffer:
     num_sms: int = 20
 
     def __init__(self, group=None, *, ranks_per_node: int | None = None, num_sms: int | None = None,
-                 hierarchical: bool | None = None):
+                 hierarchical: bool | None = None, timeout: float = 300.0, check_handles: bool | None = None):
         if num_sms is not None and (isinstance(num_sms, bool) or not isinstance(num_sms, int) or num_sms < 1):
             raise ValueError(f"num_sms must be a positive int or None, got {num_sms!r}")
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < float("inf"):
+            raise ValueError(f"timeout must be a positive, finite number of seconds, got {timeout!r}")
+        self.timeout = float(timeout)
         self.group = group
         self.num_ranks = mdist.world_size(group)
         self.rank = mdist.rank(group)
@@ -129,8 +143,10 @@ class Buffer:
             # Collective over the world (dist.new_group), like the node sub-groups below.
             comm_group = dist.new_group(mdist.global_ranks(group), backend="nccl", pg_options=self._pg_options)
         self._node_groups = mdist.new_node_groups(group, self.layout, self._pg_options) if self.hierarchical else None
-        self._engine = Engine(Comm(comm_group, self.num_ranks, self.rank), self.layout, self._node_groups)
         self._key = (tuple(mdist.global_ranks(group)), self.layout.ranks_per_node, self.hierarchical)
+        self._guard = Guard(self._key, self.rank, self.num_ranks, self.timeout)
+        self._engine = Engine(Comm(comm_group, self.num_ranks, self.rank, self.timeout, self._guard.on_fail),
+                              self.layout, self._node_groups)
         self.stats = TrafficStats()
         self._comm_stream = None
         self._msg_device = torch.device("cpu") if backend == "gloo" else torch.device("cuda",
@@ -139,6 +155,7 @@ class Buffer:
         # (the host reads everything anyway); on a device backend they travel in the block's header.
         self._ll_host_checks = self._msg_device.type == "cpu"
         self._ll_sizes = None  # sizes of the last valid low-latency dispatch (device backends, see low_latency.py)
+        self._check_handles = self._ll_host_checks if check_handles is None else bool(check_handles)
 
     @classmethod
     def set_num_sms(cls, num_sms: int) -> None:
@@ -193,14 +210,22 @@ class Buffer:
         ``recv_x`` is an FP8 pair when x is one or ``fp8=True``. Host sync: the counts exchange (none
         with a handle unless ``topk_idx`` is given, which is checked against the handle).
         Differentiable in ``x`` (float x, no fp8) and ``topk_weights``; the backward is collective.
+        Faults (docs/ep.md, "Faults"): whatever one rank raises while preparing its part is raised on every
+        rank, naming that rank; a wait longer than the Buffer's ``timeout`` raises ``PeerTimeout``.
         """
         if handle is not None:
             return self._cached_dispatch(x, topk_idx, topk_weights, num_experts, fp8, async_finish, handle,
                                          num_worst_tokens)
+        seq = self._guard.begin("dispatch")
         lay, r = self.layout, self.num_ranks
         status, info, k, e = OK, None, 0, 0
         by_layout = topk_idx is None and is_token_in_rank is not None
-        try:
+        out_idx = not by_layout
+        weights = topk_weights is not None
+        msg_dev = self._msg_device
+        try:  # any exception while preparing this rank's part becomes its status (moekit.ep.guard)
+            if isinstance(x, Failure):
+                raise x.error
             if by_layout:
                 info, e = checks.check_layout_dispatch(x, is_token_in_rank, num_tokens_per_expert, topk_weights,
                                                        num_experts, r, fp8, expert_alignment)
@@ -210,17 +235,10 @@ class Buffer:
                                                    expert_alignment)
                 checks.check_layout_matches(topk_idx, e, r, is_token_in_rank, num_tokens_per_expert)
             checks.check_worst_tokens(num_worst_tokens)
-        except InputError as err:
-            status = err.status(self.rank)
-        if by_layout and status.ok:
-            in_rank = is_token_in_rank
-            topk_idx = _destination_marks(is_token_in_rank, e)  # [T, R]: routes the rows like expert ids
-        out_idx = not by_layout
-        wire_fp8 = bool(info is not None and (info.is_pair or fp8))
-        weights = topk_weights is not None
-        msg_dev = self._msg_device
-        if status.ok:
+            wire_fp8 = bool(info.is_pair or fp8)
             if by_layout:
+                in_rank = is_token_in_rank
+                topk_idx = _destination_marks(is_token_in_rank, e)  # [T, R]: routes the rows like expert ids
                 per_expert = num_tokens_per_expert.long()  # [E]
             else:
                 in_rank = token_ranks(topk_idx, e, r)  # [T, R]
@@ -229,13 +247,17 @@ class Buffer:
             # The dtype of combine and of later float exchanges on the handle: x's, bf16 for an FP8 pair.
             x_dtype = torch.bfloat16 if info.is_pair else info.data.dtype
             meta = [info.hidden, dtype_code(x_dtype), e, k, int(wire_fp8), int(weights)]
-        else:
+        except Exception as err:  # noqa: BLE001 - reported on every rank below
+            status = self._guard.status_of(err)
             msg = torch.zeros(r, hmod.msg_width(lay.ranks_per_node), dtype=torch.int64, device=msg_dev)
             meta = [0] * 6
         msg[:, hmod.MSG_STATUS] = torch.tensor(status.ints(), dtype=torch.int64)
         msg[:, hmod.MSG_META] = torch.tensor(meta, dtype=torch.int64)
-        recv_msg = self._engine.comm.exchange_fixed(msg).tolist()  # host sync: counts are needed on the host
-        raise_status("dispatch", first_failure(row[hmod.MSG_STATUS] for row in recv_msg), r)
+        msg[:, hmod.MSG_ID] = torch.tensor(self._guard.identity("dispatch", 0, 0, self._key), dtype=torch.int64)
+        comm = self._engine.comm
+        recv_msg = comm.exchange_fixed(msg).tolist()  # host sync: counts are needed on the host
+        self._guard.raise_first("dispatch", (row[hmod.MSG_STATUS] for row in recv_msg), comm)
+        raise_status("dispatch", identity_mismatch([row[hmod.MSG_ID] for row in recv_msg]), r)
         raise_status("dispatch", meta_mismatch(row[hmod.MSG_META] for row in recv_msg), r)
 
         epr = e // r
@@ -256,7 +278,8 @@ class Buffer:
             hidden=info.hidden, x_dtype=x_dtype, is_token_in_rank=in_rank, num_recv_tokens=sum(recv_counts),
             num_recv_tokens_per_expert_list=per_expert_list, send_counts=send_counts, recv_counts=recv_counts,
             send_token=send_token, dispatch_format=fmt, hier=hier, topk_idx=topk_idx.to(torch.int32),
-            topk_weights=topk_weights.detach().clone() if weights else None, num_worst_tokens=num_worst_tokens)
+            topk_weights=topk_weights.detach().clone() if weights else None, num_worst_tokens=num_worst_tokens,
+            seq=seq)
         # (A layout-driven dispatch returns no recv_topk_idx: its marks travel from the handle.)
         return self._dispatch_data(h, info, fp8, topk_idx if out_idx else None, topk_weights, async_finish)
 
@@ -271,23 +294,33 @@ class Buffer:
             spec.append(("w", torch.float32, k))
         return RowFormat(spec)
 
-    def _check_handle(self, handle) -> None:
-        # A handle of another Buffer's group cannot even size the exchange: raised locally (every rank
-        # that makes this mistake raises; SPMD programs make it on every rank).
-        if not isinstance(handle, DispatchHandle):
-            raise TypeError(f"handle must be a DispatchHandle from Buffer.dispatch, got {type(handle).__name__}")
+    def _handle_status(self, handle, op: str) -> None:
+        """Raise the InputError of a ``handle`` that is not a DispatchHandle of this Buffer's layout."""
+        kind = handle_kind(handle)
+        if kind != 0:
+            raise InputError(Code.HANDLE_TYPE, kind, 0)
         if handle.key != self._key or handle.rank != self.rank:
-            raise ValueError("handle is from another layout: it was made by a Buffer over another group, node "
-                             f"layout or path (handle: ranks_per_node={handle.layout.ranks_per_node}, "
-                             f"world={handle.num_ranks}, two-stage={handle.hierarchical}; this Buffer: "
-                             f"ranks_per_node={self.layout.ranks_per_node}, world={self.num_ranks}, "
-                             f"two-stage={self.hierarchical})")
+            raise InputError(Code.HANDLE_FOREIGN)
+
+    def _handle_preflight(self, op: str, call: str, status: Status, handle, mode: int) -> None:
+        """Host-check backends: status + handle identity on every rank before any row moves (guard.py).
+        Device backends: a rank whose handle cannot size the rows raises locally (its peers then time out)."""
+        if self._check_handles:
+            ok = handle_kind(handle) == mode
+            ident = self._guard.identity(call, handle.seq if ok else -1, mode, handle.key if ok else None)
+            self._guard.preflight(op, self._engine.comm, status, ident, hmod.msg_width(self.layout.ranks_per_node),
+                                  self._msg_device)
+        elif status.code in (Code.HANDLE_TYPE, Code.HANDLE_FOREIGN):
+            raise_status(op, status, self.num_ranks)
 
     def _cached_dispatch(self, x, topk_idx, topk_weights, num_experts, fp8, async_finish, h: DispatchHandle,
                          num_worst_tokens=0):
-        self._check_handle(h)
+        self._guard.begin("dispatch")
         status, info = OK, None
         try:
+            if isinstance(x, Failure):
+                raise x.error
+            self._handle_status(h, "dispatch")
             checks.check_worst_tokens(num_worst_tokens, h.num_worst_tokens)
             # Everything that sizes the rows must match the handle: the peers size theirs from it.
             info = checks.check_x(x)
@@ -303,9 +336,9 @@ class Buffer:
                 k = checks.check_routing(topk_idx, topk_weights, info.num_tokens, info.data.device)
                 if k != h.topk_idx.shape[1]:
                     raise InputError(Code.HANDLE_TOPK, h.topk_idx.shape[1], k)
-                if num_experts is not None and num_experts != h.num_experts:
-                    raise InputError(Code.HANDLE_EXPERTS, h.num_experts,
-                                     num_experts if isinstance(num_experts, int) else -1)
+                e = checks.as_int(num_experts)
+                if num_experts is not None and e != h.num_experts:
+                    raise InputError(Code.HANDLE_EXPERTS, h.num_experts, -1 if e is None else e)
                 checks.check_expert_range(topk_idx, h.num_experts)
                 if not torch.equal(token_ranks(topk_idx, h.num_experts, self.num_ranks), h.is_token_in_rank):
                     raise InputError(Code.HANDLE_ROUTING)
@@ -313,8 +346,9 @@ class Buffer:
                     raise InputError(Code.HANDLE_WEIGHTS)
             elif topk_weights is not None:
                 raise InputError(Code.IDX_MISSING)
-        except InputError as err:
-            status = err.status(self.rank)
+        except Exception as err:  # noqa: BLE001 - reported on every rank
+            status = self._guard.status_of(err)
+        self._handle_preflight("dispatch", "dispatch (cached, with a handle)", status, h, 0)
         if not status.ok:
             # Take part with zero rows of the handle's format (what every peer sends), then raise with them.
             fmt = h.dispatch_format
@@ -420,16 +454,21 @@ class Buffer:
         sync on a GPU except the status check in ``event.wait()`` (sync mode: at return).
         Differentiable: backward is a dispatch of the gradient (collective).
         """
-        self._check_handle(handle)
-        status, bias_parts = OK, ()
-        rows = handle.num_worst_tokens or handle.num_recv_tokens
-        k = handle.topk_idx.shape[1] if handle.has_weights else 0
+        self._guard.begin("combine")
+        status, bias_parts, k = OK, (), 0
         try:
+            if isinstance(x, Failure):
+                raise x.error
+            self._handle_status(handle, "combine")
+            rows = handle.num_worst_tokens or handle.num_recv_tokens
+            k = handle.topk_idx.shape[1] if handle.has_weights else 0
             checks.check_combine_x(x, rows, handle.hidden)
             bias_parts = checks.check_combine_extras(topk_weights, bias, rows, k, handle.has_weights,
                                                      handle.num_tokens, handle.hidden, x.dtype, x.device)
-        except InputError as err:
-            status = err.status(self.rank)
+        except Exception as err:  # noqa: BLE001 - reported on every rank
+            status = self._guard.status_of(err)
+        self._handle_preflight("combine", "combine", status, handle, 0)
+        if not status.ok:
             x = torch.zeros(handle.num_recv_tokens, handle.hidden, dtype=handle.x_dtype,
                             device=handle.send_token.device)
             topk_weights, bias_parts = None, ()
@@ -505,9 +544,12 @@ class Buffer:
         the only host sync). Traffic: every rank sends every rank ``L * C`` rows, used or not.
         """
         from .low_latency import low_latency_dispatch
-        return low_latency_dispatch(self, x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
-                                    use_fp8=use_fp8, async_finish=async_finish, return_recv_hook=return_recv_hook,
-                                    round_scale=round_scale)
+        seq = self._guard.begin("low_latency_dispatch")
+        out = low_latency_dispatch(self, x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
+                                   use_fp8=use_fp8, async_finish=async_finish, return_recv_hook=return_recv_hook,
+                                   round_scale=round_scale)
+        out.handle.seq = seq  # the handle's identity (guard.py)
+        return out
 
     def low_latency_combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, handle, *,
                             async_finish: bool = False, return_recv_hook: bool = False):
@@ -523,8 +565,31 @@ class Buffer:
         block's status rows (its size comes from the handle alone).
         """
         from .low_latency import low_latency_combine
+        self._guard.begin("low_latency_combine")
+        status = OK
+        kind = handle_kind(handle)
+        if kind != 1:
+            status = Status(int(Code.HANDLE_TYPE), self.rank, kind, 1)
+        elif handle.key != self._key:
+            status = Status(int(Code.HANDLE_FOREIGN), self.rank)
+        self._handle_preflight("low_latency_combine", "low_latency_combine", status, handle, 1)
         return low_latency_combine(self, x, topk_idx, topk_weights, handle, async_finish=async_finish,
                                    return_recv_hook=return_recv_hook)
+
+    # ---- faults ---------------------------------------------------------------------------------
+    def agree(self, error: BaseException | None, what: str = "Buffer.agree") -> None:
+        """Collective: every rank passes its own ``error`` (or None); every rank raises the lowest failing
+        rank's error, naming that rank (its type, and its message text), or returns when none failed.
+
+        For checks outside dispatch/combine that one rank may fail (``MoE`` uses it for
+        ``load_state_dict``). ``what``: the call named in the message (``errors.CALLS``). One small
+        fixed-size exchange (two when a rank failed with a non-moekit exception); a host sync.
+        """
+        self._guard.begin(what)
+        status = OK if error is None else self._guard.status_of(error)
+        ident = self._guard.identity(what, 0, 0, self._key)
+        self._guard.preflight(what, self._engine.comm, status, ident, hmod.msg_width(self.layout.ranks_per_node),
+                              self._msg_device)
 
     # ---- gradients ------------------------------------------------------------------------------
     def _combine_grads(self, h: DispatchHandle, gx, gw, x_dtype):

@@ -4,6 +4,7 @@ plain exception, so that the Buffer can report the problem collectively instead 
 
 from __future__ import annotations
 
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -25,6 +26,32 @@ class XInfo(NamedTuple):
         return self.scales is not None
 
 
+MAX_EXPERTS = 2**31  # expert ids travel as int32 (the rows' routing columns)
+_INT64_MAX = 2**63 - 1
+
+
+def check_dense(t, arg: int) -> None:
+    """``t`` (if a tensor) must be strided and hold data: a sparse or meta tensor would fail later, in the
+    middle of the call's preparation (``arg``: index into ``errors.ARGS``)."""
+    if not isinstance(t, torch.Tensor):
+        return
+    if t.layout != torch.strided:
+        raise InputError(Code.DENSE, arg, 0)
+    if t.is_meta:
+        raise InputError(Code.DENSE, arg, 1)
+
+
+def as_int(v) -> int | None:
+    """A python int from an int-like value (``numbers.Integral``: python or numpy ints, not bool), else None."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        return None
+    return int(v)
+
+
+def _clamp(v: int) -> int:
+    return max(-_INT64_MAX, min(_INT64_MAX, v))
+
+
 def _dtype_of(t) -> int:
     return dtype_code(t.dtype) if isinstance(t, torch.Tensor) else dtype_code(None)
 
@@ -34,6 +61,8 @@ def check_x(x) -> XInfo:
         if len(x) != 2 or not all(isinstance(t, torch.Tensor) for t in x):
             raise InputError(Code.X_TYPE)
         data, scales = x
+        check_dense(data, 0)
+        check_dense(scales, 4)
         if data.dim() != 2 or data.dtype != FP8_DTYPE:
             raise InputError(Code.FP8_DATA_DTYPE, _dtype_of(data))
         t, h = data.shape
@@ -51,6 +80,7 @@ def check_float_x(x) -> XInfo:
     """``x`` must be a ``[T, H]`` bf16/fp16/fp32 tensor with H >= 1."""
     if not isinstance(x, torch.Tensor):
         raise InputError(Code.X_TYPE)
+    check_dense(x, 0)
     if x.dim() != 2:
         raise InputError(Code.X_NDIM, x.dim())
     if x.dtype not in FLOAT_DTYPES:
@@ -64,6 +94,8 @@ def check_routing(topk_idx, topk_weights, num_tokens: int, device: torch.device)
     """Shape/dtype checks of ``topk_idx`` [T, K] int64 and ``topk_weights`` [T, K] fp32 (or None); returns K."""
     if not isinstance(topk_idx, torch.Tensor):
         raise InputError(Code.IDX_DTYPE, dtype_code(None))
+    check_dense(topk_idx, 1)
+    check_dense(topk_weights, 2)
     if topk_idx.dim() != 2 or topk_idx.shape[1] < 1:
         raise InputError(Code.IDX_NDIM, topk_idx.dim())
     if topk_idx.dtype != torch.int64:
@@ -85,10 +117,16 @@ def check_routing(topk_idx, topk_weights, num_tokens: int, device: torch.device)
 
 
 def check_num_experts(num_experts, num_ranks: int) -> int:
-    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts <= 0 \
-            or num_experts % num_ranks != 0:
-        raise InputError(Code.NUM_EXPERTS, num_experts if isinstance(num_experts, int) else -1, num_ranks)
-    return num_experts
+    """E: an int (python, numpy, any ``numbers.Integral``), positive, a multiple of R, < 2**31; returns it
+    as a python int."""
+    e = as_int(num_experts)
+    if e is None:
+        raise InputError(Code.NUM_EXPERTS, 0, num_ranks, 1)
+    if e <= 0 or e % num_ranks != 0:
+        raise InputError(Code.NUM_EXPERTS, _clamp(e), num_ranks)
+    if e >= MAX_EXPERTS:
+        raise InputError(Code.EXPERTS_LARGE, _clamp(e))
+    return e
 
 
 def check_expert_range(topk_idx: torch.Tensor, num_experts: int) -> None:
@@ -113,14 +151,16 @@ def check_dispatch(x, topk_idx, topk_weights, num_experts, num_ranks: int, fp8: 
     check_expert_range(topk_idx, e)
     if fp8 and not info.is_pair and info.hidden % 128 != 0:
         raise InputError(Code.FP8_HIDDEN, info.hidden)
-    if isinstance(expert_alignment, bool) or not isinstance(expert_alignment, int) or expert_alignment < 1:
-        raise InputError(Code.ALIGNMENT, expert_alignment if isinstance(expert_alignment, int) else 0)
+    a = as_int(expert_alignment)
+    if a is None or a < 1:
+        raise InputError(Code.ALIGNMENT, 0 if a is None else _clamp(a))
     return info, k, e
 
 
 def check_combine_x(x, num_rows: int, hidden: int) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise InputError(Code.CX_DTYPE, dtype_code(None))
+    check_dense(x, 3)
     if x.dim() != 2:
         raise InputError(Code.CX_NDIM, x.dim())
     if x.dtype not in FLOAT_DTYPES:

@@ -32,8 +32,9 @@ class Engine:
         self.comm, self.layout = comm, layout
         me = comm.rank
         if node_groups is not None:
-            self.inter = Comm(node_groups.inter, layout.num_nodes, layout.node_of(me))
-            self.intra = Comm(node_groups.intra, layout.ranks_per_node, layout.local_of(me))
+            self.inter = Comm(node_groups.inter, layout.num_nodes, layout.node_of(me), comm.timeout, comm.on_fail)
+            self.intra = Comm(node_groups.intra, layout.ranks_per_node, layout.local_of(me), comm.timeout,
+                              comm.on_fail)
 
     # ---- traffic -------------------------------------------------------------------------------
     def _flat_traffic(self, counts: list[int], row_bytes: int) -> Traffic:

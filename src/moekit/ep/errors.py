@@ -59,6 +59,14 @@ class Code(enum.IntEnum):
     WORST_OVERFLOW = 39
     CW_WEIGHTS = 40
     CW_BIAS = 41
+    DENSE = 42  # a = argument (ARGS), b = 0 sparse layout / 1 meta device
+    EXPERTS_LARGE = 43  # a = num_experts (clamped to int64)
+    EXCEPTION = 44  # a = exception type (EXCEPTION_TYPES); its text travels separately (moekit.ep.guard)
+    HANDLE_TYPE = 45  # a = what was passed (HANDLE_KINDS), b = what the call needs
+    HANDLE_FOREIGN = 46
+    HANDLE_STALE = 47  # a = field (IDENTITY_FIELDS), b = the majority's value, c = the value on `rank`
+    OP_MISMATCH = 48  # a = the majority's call, b = the call on `rank` (CALLS)
+    LAYER_HIDDEN = 49  # a = hidden_size, b = the last dim given, c = its ndim
 
 
 # Dtypes are sent as their index in this table.
@@ -77,6 +85,33 @@ def dtype_name(code: int) -> str:
 # Fields compared across ranks by Code.MISMATCH (a = field id, b = value on rank 0, c = value on `rank`).
 MISMATCH_FIELDS = ["hidden size", "x dtype (bfloat16 for an FP8 pair)", "num_experts", "num_topk (K)",
                    "fp8 (x is an FP8 pair or fp8=True)", "topk_weights given", "num_max_dispatch_tokens_per_rank"]
+
+
+# Arguments named by Code.DENSE.
+ARGS = ["x", "topk_idx", "topk_weights", "combine's x", "the scales of an FP8 pair x"]
+# Exception types carried by Code.EXCEPTION (any other: RuntimeError).
+EXCEPTION_TYPES = [RuntimeError, ValueError, TypeError, MemoryError, NotImplementedError, IndexError, KeyError,
+                   AssertionError, OverflowError, ZeroDivisionError]
+# What a handle argument was (Code.HANDLE_TYPE).
+HANDLE_KINDS = ["a DispatchHandle (from Buffer.dispatch)", "a LowLatencyHandle (from Buffer.low_latency_dispatch)",
+                "None", "another object"]
+# Identity of a handle, compared across ranks before any row moves (Code.HANDLE_STALE).
+IDENTITY_FIELDS = ["Buffer call that made it (#)", "mode (0 normal, 1 low-latency)", "Buffer (group/layout key)"]
+# Collective calls of a Buffer, compared across ranks (Code.OP_MISMATCH).
+CALLS = ["dispatch", "dispatch (cached, with a handle)", "combine", "low_latency_dispatch", "low_latency_combine",
+         "MoE.forward", "MoE.load_state_dict", "Buffer.agree"]
+
+
+def exception_code(err: BaseException) -> int:
+    for i, t in enumerate(EXCEPTION_TYPES):
+        if type(err) is t:
+            return i
+    if isinstance(err, (MemoryError, torch.OutOfMemoryError)):
+        return EXCEPTION_TYPES.index(MemoryError)
+    for i, t in enumerate(EXCEPTION_TYPES):
+        if isinstance(err, t):
+            return i
+    return 0
 
 
 def _render(code: Code, a: int, b: int, c: int) -> tuple[type[Exception], str]:
@@ -104,6 +139,8 @@ def _render(code: Code, a: int, b: int, c: int) -> tuple[type[Exception], str]:
     if code == Code.IDX_RANGE:
         return ValueError, f"topk_idx values must lie in [-1, num_experts={b}), found {a}"
     if code == Code.NUM_EXPERTS:
+        if c:
+            return TypeError, "num_experts must be an int (python or numpy), got another type"
         return ValueError, f"num_experts ({a}) must be a positive multiple of the number of ranks ({b})"
     if code == Code.FP8_HIDDEN:
         return ValueError, f"fp8=True needs a hidden size that is a multiple of 128, got {a}"
@@ -178,6 +215,27 @@ def _render(code: Code, a: int, b: int, c: int) -> tuple[type[Exception], str]:
     if code == Code.CW_BIAS:
         return ValueError, (f"combine's bias must be a tensor or a pair of tensors [num_tokens={a}, hidden={b}] "
                             f"of combine's x dtype ({dtype_name(c)})")
+    if code == Code.DENSE:
+        what = "a sparse tensor" if b == 0 else "a tensor on the meta device (it has no data; materialise it first)"
+        return ValueError, f"{ARGS[a]} must be a dense (strided) tensor with data, got {what}"
+    if code == Code.EXPERTS_LARGE:
+        return ValueError, f"num_experts ({a}) must be < 2**31 (expert ids travel as int32)"
+    if code == Code.EXCEPTION:
+        return EXCEPTION_TYPES[a], f"{EXCEPTION_TYPES[a].__name__} while preparing its part of the call"
+    if code == Code.HANDLE_TYPE:
+        return TypeError, f"handle must be {HANDLE_KINDS[b]}, got {HANDLE_KINDS[a]}"
+    if code == Code.HANDLE_FOREIGN:
+        return ValueError, ("handle is from another layout: it was made by a Buffer over another group, node layout "
+                            "or path")
+    if code == Code.HANDLE_STALE:
+        return ValueError, (f"handle differs from the other ranks' in the {IDENTITY_FIELDS[a]}: theirs is {b}, "
+                            f"this rank's is {c} (a stale handle from an earlier call, or another Buffer's): every "
+                            "rank must pass the handle of the same call")
+    if code == Code.OP_MISMATCH:
+        return ValueError, (f"ranks call different methods: the other ranks call {CALLS[a]}, this rank calls "
+                            f"{CALLS[b]} (every rank must make the same collective calls in the same order)")
+    if code == Code.LAYER_HIDDEN:
+        return ValueError, f"MoE: hidden_states must be [..., hidden_size={a}], got a {c}-D tensor ending in {b}"
     raise AssertionError(f"unknown status code {code}")
 
 
@@ -223,11 +281,16 @@ def meta_mismatch(metas) -> Status:
 
 
 def raise_status(op: str, status: Status, world_size: int) -> None:
-    """Raise the exception of a failing ``status`` (identically on every rank); no-op when OK."""
+    """Raise the exception of a failing ``status`` (identically on every rank); no-op when OK.
+
+    The exception carries the status as ``err.moekit_status`` (``moekit.ep.guard`` adds the text of a
+    ``Code.EXCEPTION`` from the failing rank)."""
     if status.ok:
         return
     exc, msg = _render(Code(status.code), status.a, status.b, status.c)
-    raise exc(f"moekit.Buffer.{op}: rank {status.rank} of {world_size}: {msg}")
+    err = exc(f"moekit.Buffer.{op}: rank {status.rank} of {world_size}: {msg}")
+    err.moekit_status = status
+    raise err
 
 
 class InputError(Exception):
@@ -250,9 +313,11 @@ class PeerTimeout(RuntimeError):
     state is unknown: the process group (and the Buffer) must be rebuilt.
     """
 
-    def __init__(self, op: str, ranks, timeout_s: float, detail: str = ""):
+    def __init__(self, op: str, ranks, timeout_s: float, detail: str = "", lost: bool = False):
         self.op, self.ranks, self.timeout_s = op, tuple(int(r) for r in ranks), float(timeout_s)
         who = f"rank(s) {list(self.ranks)}" if self.ranks else "some peer(s)"
-        msg = (f"{op}: {who} did not arrive within {self.timeout_s:g} s (dead, or not calling {op}); "
+        how = ("did not arrive: a peer's connection closed (dead process)" if lost else
+               f"did not arrive within {self.timeout_s:g} s (dead, or not calling {op})")
+        msg = (f"{op}: {who} {how}; "
                "the process group must be rebuilt (destroy_process_group + init_process_group, then a new Buffer)")
         super().__init__(msg + (f" [{detail}]" if detail else ""))

@@ -73,6 +73,9 @@ class DispatchHandle:
     # > 0: the dispatch returned fixed-size outputs of this many rows (DeepEP's num_worst_tokens); combine
     # then takes that many rows (only the first num_recv_tokens are sent).
     num_worst_tokens: int = 0
+    # Identity (with ``key``): the number of the Buffer call that made it; compared across ranks before
+    # any row of a combine / cached dispatch moves (moekit.ep.guard), so a stale handle is an error.
+    seq: int = 0
 
     @property
     def num_ranks(self) -> int:
@@ -102,10 +105,13 @@ MSG_LOCAL = 13  # + l': tokens s -> (node(d), l'), for l' < G
 # that the per-expert counts take an all-reduce instead. The width must not depend on arguments that
 # could differ between ranks (a mismatched all-to-all hangs), hence a fixed cap.
 MSG_MAX_EXPERTS = 32
+# Last columns: the call's identity (moekit.ep.guard.ID_INTS: call, handle's call number, mode, Buffer key),
+# so that a rank calling another method, or passing another call's handle, is reported, not mismatched.
+MSG_ID = slice(-4, None)
 
 
 def msg_width(ranks_per_node: int) -> int:
-    return MSG_LOCAL + ranks_per_node + MSG_MAX_EXPERTS
+    return MSG_LOCAL + ranks_per_node + MSG_MAX_EXPERTS + 4
 
 
 def counts_message(in_rank: torch.Tensor, layout: NodeLayout, per_expert: torch.Tensor) -> torch.Tensor:

@@ -67,6 +67,7 @@ class LowLatencyHandle:
     counts: torch.Tensor  # [R, L] int64 on the receiver: rows from source s for local expert e
     x_dtype: torch.dtype = torch.bfloat16  # wire dtype of the combine (the dispatched x's dtype)
     key: tuple = ()  # the Buffer's group and layout
+    seq: int = 0  # the number of the Buffer call that made it (identity, see guard.py)
 
 
 class LowLatencyDispatchOutput(NamedTuple):

@@ -29,8 +29,18 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(hidden_size, intermediate_size, **kw)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, **kw)
 
+    compute_dtype: torch.dtype | None = None  # GEMM dtype (weights cast per call); None = the weights' dtype
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        """x ``[..., H]`` → ``[..., H]``. With ``compute_dtype`` the GEMMs run in it (the weights stay in their
+        own dtype, the master copy; the gradients flow back to it) and the result is in x's dtype. Under
+        ``torch.autocast`` without ``compute_dtype`` the GEMMs follow autocast, like any linear of the model."""
+        cd = self.compute_dtype
+        if cd is None:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        xc = x.to(cd)
+        h = F.silu(F.linear(xc, self.gate_proj.weight.to(cd))) * F.linear(xc, self.up_proj.weight.to(cd))
+        return F.linear(h, self.down_proj.weight.to(cd)).to(x.dtype)
 
 
 def swiglu_grouped_torch(x: torch.Tensor, counts: list[int], w_gate: torch.Tensor, w_up: torch.Tensor,
@@ -86,6 +96,7 @@ class RoutedExperts(nn.Module):
         for p in self.parameters():
             p.moekit_expert = True
         self._fp8_caches: dict = {}  # FP8WeightCache per projection (expert_backend="fp8")
+        self.compute_dtype: torch.dtype | None = None  # dtype of the torch GEMMs; None = the weights' dtype
 
     @torch.no_grad()
     def reset_parameters(self, seed: int) -> None:
@@ -121,12 +132,15 @@ class RoutedExperts(nn.Module):
         key = torch.where(flat >= 0, flat, self.num_local)
         order = torch.argsort(key, stable=True)[:pairs]  # [P]
         rows = torch.div(order, k, rounding_mode="floor")
-        xs = x[rows].to(self.gate_proj.dtype)  # [P, H], contiguous per-expert segments
+        cd = self.compute_dtype
+        xs = x[rows].to(self.gate_proj.dtype if cd is None else cd)  # [P, H], contiguous per-expert segments
         if self.backend == "fp8":
             ys = swiglu_grouped_fp8(xs, key[order].to(torch.int32), self.gate_proj, self.up_proj, self.down_proj,
                                     self._fp8_caches)
-        else:
+        elif cd is None:
             ys = swiglu_grouped_torch(xs, counts, self.gate_proj, self.up_proj, self.down_proj)
+        else:  # fp32 master weights, GEMMs in the compute dtype (the casts are differentiable)
+            ys = swiglu_grouped_torch(xs, counts, self.gate_proj.to(cd), self.up_proj.to(cd), self.down_proj.to(cd))
         ys = ys.float() * topk_weights.reshape(-1)[order].float().unsqueeze(1)
         out = torch.zeros(n, h, dtype=torch.float32, device=x.device).index_add_(0, rows, ys)
         return out.to(x.dtype)

@@ -46,6 +46,15 @@ class MoE(nn.Module):
         ranks_per_node: the node layout for node-limited routing and the Buffer (default: ``moekit.dist``'s).
         buffer: any object with moekit's ``dispatch``/``combine`` signature (e.g. ``moekit.ep.naive.NaiveBuffer``).
         device, dtype: of the parameters; the gate's bias is always fp32.
+        timeout: seconds, the bound of every wait of the Buffer this layer creates (``moekit.Buffer``'s
+            ``timeout``; default 300 s). Ignored when ``buffer`` is given.
+        compute_dtype: dtype of the expert GEMMs (routed and shared), overriding ``config.compute_dtype``:
+            e.g. fp32 parameters (master weights) with ``torch.bfloat16`` GEMMs. Routing is unchanged (fp32).
+
+    Faults (docs/ep.md, "Faults"): with a ``moekit.Buffer``, an exception raised on one rank before the
+    dispatch (the shape check, the gate) or between dispatch and combine (the experts) is reported
+    through that call, so every rank raises the same error instead of its peers hanging; so is a
+    ``load_state_dict`` whose shapes do not fit on one rank (R > 1: ``load_state_dict`` is collective).
 
     State-dict keys are HF's: ``gate.weight``, ``gate.e_score_correction_bias``,
     ``experts.{i}.{gate,up,down}_proj.weight`` (this rank's i only; :meth:`full_state_dict` gathers all),
@@ -53,8 +62,11 @@ class MoE(nn.Module):
     """
 
     def __init__(self, config: MoEConfig, group: dist.ProcessGroup | None = None, *,
-                 ranks_per_node: int | None = None, buffer: Any = None, device=None, dtype=None):
+                 ranks_per_node: int | None = None, buffer: Any = None, device=None, dtype=None,
+                 timeout: float | None = None, compute_dtype: torch.dtype | str | None = None):
         super().__init__()
+        if compute_dtype is not None:
+            config = config.replace(compute_dtype=compute_dtype)
         self.config = config
         self.group = group
         self.ep_size, self.ep_rank = mdist.world_size(group), mdist.rank(group)
@@ -69,14 +81,20 @@ class MoE(nn.Module):
                                      config.moe_intermediate_size, config.expert_backend, device=device, dtype=dtype)
         self.shared_experts = (MLP(config.hidden_size, config.n_shared_experts * config.moe_intermediate_size,
                                    device=device, dtype=dtype) if config.n_shared_experts > 0 else None)
+        self.experts.compute_dtype = config.compute_dtype
+        if self.shared_experts is not None:
+            self.shared_experts.compute_dtype = config.compute_dtype
         self.load = ExpertLoad(e, device=device)
         self.aux_loss: torch.Tensor | None = None  # detached sequence aux loss of the latest training forward
         if buffer is None and self.ep_size > 1:
             from ..ep.buffer import Buffer  # lazy: world size 1 needs no communication code
 
-            buffer = Buffer(group, ranks_per_node=layout.ranks_per_node)
+            buffer = Buffer(group, ranks_per_node=layout.ranks_per_node,
+                            **({} if timeout is None else {"timeout": timeout}))
         self.buffer = buffer
         self.reset_parameters()
+        if self.ep_size > 1:
+            self.register_load_state_dict_pre_hook(_collective_load_check)
 
     def reset_parameters(self) -> None:
         """Fresh weights from torch's default generator; every rank (and every EP size) gets the same model
@@ -142,10 +160,19 @@ class MoE(nn.Module):
                cut: tuple[str, ...] = ()) -> Iterator:
         shape = hidden_states.shape
         h = self.config.hidden_size
-        if shape[-1] != h:
-            raise ValueError(f"MoE: hidden_states must end in hidden_size ({h}), got {list(shape)}")
-        x = hidden_states.reshape(-1, h)
-        topk_idx, topk_weights, scores = self.gate(x)  # [T, K], [T, K], [T, E]
+        try:
+            if shape[-1] != h:
+                raise _hidden_error(h, shape, self._guarded())
+            x = hidden_states.reshape(-1, h)
+            topk_idx, topk_weights, scores = self.gate(x)  # [T, K], [T, K], [T, E]
+        except Exception as err:
+            if not self._guarded():
+                raise
+            from ..ep.guard import Failure
+
+            # The peers are in the dispatch: take part with this error, so every rank raises it.
+            self.buffer.dispatch(Failure(err), None, None, self.config.n_routed_experts)
+            raise AssertionError("unreachable: the dispatch raises this rank's error") from err
         with torch.no_grad():
             self.load.record(topk_idx)
         fp8 = self.config.dispatch_fp8
@@ -174,7 +201,15 @@ class MoE(nn.Module):
             if cut_dispatch:
                 recv_x, recv_w = link("dispatch", self.buffer, d.handle, (x, topk_weights), (recv_x, recv_w),
                                       d.recv_topk_idx)
-            expert_out = self.experts(recv_x, d.recv_topk_idx, recv_w, list(d.num_recv_tokens_per_expert_list))
+            try:
+                expert_out = self.experts(recv_x, d.recv_topk_idx, recv_w, list(d.num_recv_tokens_per_expert_list))
+            except Exception as err:
+                if not self._guarded():
+                    raise
+                from ..ep.guard import Failure
+
+                self.buffer.combine(Failure(err), d.handle)  # the peers are in the combine: raises everywhere
+                raise AssertionError("unreachable: the combine raises this rank's error") from err
             y, event = self.buffer.combine(expert_out.detach() if cut_combine else expert_out, d.handle, **kw)
             if async_finish:
                 yield event
@@ -190,6 +225,14 @@ class MoE(nn.Module):
             self.aux_loss = aux.detach()
             y = attach_aux_loss(y, aux)
         return y.view(shape)
+
+    def _guarded(self) -> bool:
+        """Whether this layer's faults travel through its Buffer (a moekit.Buffer, R > 1)."""
+        if self.buffer is None:
+            return False
+        from ..ep.buffer import Buffer
+
+        return isinstance(self.buffer, Buffer)
 
     @torch.no_grad()
     def update_bias(self) -> BiasUpdate:
@@ -224,6 +267,32 @@ class MoE(nn.Module):
     def extra_repr(self) -> str:
         r = self.local_experts
         return f"ep={self.ep_rank}/{self.ep_size}, local_experts=[{r.start}, {r.stop})"
+
+
+def _hidden_error(h: int, shape, collective: bool) -> Exception:
+    if collective:
+        from ..ep.errors import Code, InputError
+
+        return InputError(Code.LAYER_HIDDEN, h, shape[-1] if len(shape) else 0, len(shape))
+    return ValueError(f"MoE: hidden_states must end in hidden_size ({h}), got {list(shape)}")
+
+
+def _collective_load_check(module: MoE, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                           error_msgs) -> None:
+    """Before loading (R > 1): every rank checks the shapes of this layer's keys in ``state_dict``, and all
+    agree over the Buffer, so a mismatch on one rank raises the same error on every rank (instead of one
+    rank failing and its peers waiting for it in the next forward)."""
+    error = None
+    for name, t in module.state_dict(keep_vars=True).items():
+        got = state_dict.get(prefix + name)
+        if isinstance(got, torch.Tensor) and tuple(got.shape) != tuple(t.shape):
+            error = ValueError(f"size mismatch for {prefix}{name}: copying a param with shape {list(got.shape)}, "
+                               f"the shape in the current model is {list(t.shape)}")
+            break
+    if module._guarded():
+        module.buffer.agree(error, "MoE.load_state_dict")
+    elif error is not None:
+        raise error
 
 
 def _fp8_round_trip(x: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ The rules (DeepSeek-V3 technical report, section 2.1; the ``noaux_tc`` method of
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import NamedTuple
 
@@ -72,6 +73,13 @@ def route(scores: torch.Tensor, bias: torch.Tensor | None, config: MoEConfig, nu
     return topk_idx, weights * config.routed_scaling_factor
 
 
+def _no_autocast(device_type: str):
+    """A context with autocast off for ``device_type`` (a no-op context where autocast does not exist)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 class Gate(nn.Module):
     """The router of a DeepSeek-V3 MoE block; state-dict keys ``weight`` ``[E, H]`` and
     ``e_score_correction_bias`` ``[E]`` as in HF's model.
@@ -107,12 +115,19 @@ class Gate(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> GateOutput:
-        """x: ``[T, H]`` any float dtype (the logits are computed in fp32). Returns :class:`GateOutput`."""
+        """x: ``[T, H]`` any float dtype. Returns :class:`GateOutput`.
+
+        The logits, scores, bias and top-k are fp32 whatever x's dtype and whatever ``torch.autocast``
+        says: autocast would run the logits' GEMM in bf16/fp16, and a few ulps of a bf16 logit are enough
+        to flip a top-k choice (DeepSeek-V3's mixed-precision framework likewise keeps the MoE gating
+        modules in their original precision: technical report, section 3.3.1).
+        """
         if x.dim() != 2 or x.shape[1] != self.config.hidden_size:
             raise ValueError(f"Gate: x must be [T, {self.config.hidden_size}], got {list(x.shape)}")
-        logits = F.linear(x.float(), self.weight.float())  # [T, E]
-        scores = logits.sigmoid() if self.config.scoring_func == "sigmoid" else logits.softmax(dim=-1)
-        topk_idx, topk_weights = route(scores, self.e_score_correction_bias, self.config, self.num_nodes)
+        with _no_autocast(x.device.type):
+            logits = F.linear(x.float(), self.weight.float())  # [T, E] fp32
+            scores = logits.sigmoid() if self.config.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+            topk_idx, topk_weights = route(scores, self.e_score_correction_bias, self.config, self.num_nodes)
         return GateOutput(topk_idx, topk_weights, scores)
 
     def extra_repr(self) -> str:
