@@ -7,6 +7,7 @@ overlapped F&B pairs, recording — lives here, with its state per instance and 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
@@ -207,6 +208,17 @@ class PipelineSchedule(nn.Module):
             torch.cuda.synchronize(self.device)  # recording times GPU work, at the cost of overlap
         return time.time()
 
+    @contextlib.contextmanager
+    def _phase(self, op: Op):
+        """Times the compute part of ``op`` as one PhaseRecord (when recording); fetch/emit stay outside."""
+        if not self.record:
+            yield
+            return
+        t0 = self._now()
+        yield
+        self.records.append(PhaseRecord(self.rank, op.kind, op.module, op.mb, t0, self._now(),
+                                        microbatch_b=op.mb_b, chunk_b=op.module_b))
+
     def _run(self, op: Op, st: _StepState) -> None:
         if not st.training and op.kind in ("B", "W"):
             return
@@ -214,41 +226,34 @@ class PipelineSchedule(nn.Module):
             op = Op("F", op.module, op.mb)
         if op.kind == "F":
             fetched = self._fetch_forward(st, op.module, op.mb)
-            t0 = self._now() if self.record else 0.0
-            out, loss = self._compute_forward(st, op.module, *fetched)
-            t1 = self._now() if self.record else 0.0
+            with self._phase(op):
+                out, loss = self._compute_forward(st, op.module, *fetched)
             self._emit_forward(st, op.module, op.mb, out, loss)
         elif op.kind == "B":
             fetched = self._fetch_backward(st, op.module, op.mb)
-            t0 = self._now() if self.record else 0.0
-            self._compute_backward(*fetched, zb=op.zb)
-            t1 = self._now() if self.record else 0.0
+            with self._phase(op):
+                self._compute_backward(*fetched, zb=op.zb)
             self._emit_backward(st, op.module, op.mb)
         elif op.kind == "W":
-            t0 = self._now() if self.record else 0.0
-            WeightGradStore.pop()
-            t1 = self._now() if self.record else 0.0
+            with self._phase(op):
+                WeightGradStore.pop()
         else:
             assert op.kind == "FB", op
             fwd = self._fetch_forward(st, op.module, op.mb)
             bwd = self._fetch_backward(st, op.module_b, op.mb_b)
-            t0 = self._now() if self.record else 0.0
-            if self.overlapped_forward_backward:
-                m0 = self.module[op.module]
-                inputs0, criterion0, labels0 = fwd
-                loss1, outputs1, grads1 = bwd
-                out, loss = type(m0).overlapped_forward_backward(
-                    m0, inputs0, criterion0, labels0, self.module[op.module_b], loss1, outputs1, grads1)
-                out = [out] if isinstance(out, torch.Tensor) else list(out)
-            else:
-                out, loss = self._compute_forward(st, op.module, *fwd)
-                self._compute_backward(*bwd, zb=False)
-            t1 = self._now() if self.record else 0.0
+            with self._phase(op):
+                if self.overlapped_forward_backward:
+                    m0 = self.module[op.module]
+                    inputs0, criterion0, labels0 = fwd
+                    loss1, outputs1, grads1 = bwd
+                    out, loss = type(m0).overlapped_forward_backward(
+                        m0, inputs0, criterion0, labels0, self.module[op.module_b], loss1, outputs1, grads1)
+                    out = [out] if isinstance(out, torch.Tensor) else list(out)
+                else:
+                    out, loss = self._compute_forward(st, op.module, *fwd)
+                    self._compute_backward(*bwd, zb=False)
             self._emit_forward(st, op.module, op.mb, out, loss)
             self._emit_backward(st, op.module_b, op.mb_b)
-        if self.record:
-            self.records.append(PhaseRecord(self.rank, op.kind, op.module, op.mb, t0, t1,
-                                            microbatch_b=op.mb_b, chunk_b=op.module_b))
 
     def _fetch_forward(self, st: _StepState, m: int, mb: int):
         lk = self.links(m)
