@@ -76,6 +76,8 @@ class Buffer:
             (default): symmetric where a GPU heap is available inside the node, else collective (on the
             CPU the shared-memory heap runs the kernels in Triton's interpreter: a test vehicle, chosen
             explicitly). Construction with ``"symmetric"`` is collective over the node.
+        heap_bytes: bytes of each rank's symmetric heap (default 32 MiB; the same on every rank): two receive
+            areas of R slots; an exchange whose rows for one rank do not fit a slot raises on every rank.
 
     Construction is collective when the two-stage path is used (it creates the node sub-groups with
     ``moekit.dist.new_node_groups``) or when ``num_sms`` limits NCCL's CTAs: every rank of the world must
@@ -85,7 +87,7 @@ class Buffer:
     num_sms: int = 20
 
     def __init__(self, group=None, *, ranks_per_node: int | None = None, num_sms: int | None = None,
-                 hierarchical: bool | None = None, transport: str = "auto"):
+                 hierarchical: bool | None = None, transport: str = "auto", heap_bytes: int | None = None):
         if num_sms is not None and (isinstance(num_sms, bool) or not isinstance(num_sms, int) or num_sms < 1):
             raise ValueError(f"num_sms must be a positive int or None, got {num_sms!r}")
         self.group = group
@@ -108,7 +110,8 @@ class Buffer:
                                                                                      torch.cuda.current_device())
         # The transport (what moves rows); kept as _engine, the name the Buffer always had for it.
         self._engine = make_transport(transport, Comm(comm_group, self.num_ranks, self.rank), self.layout,
-                                      self._node_groups, num_sms=self.num_sms, device=self._msg_device)
+                                      self._node_groups, num_sms=self.num_sms, device=self._msg_device,
+                                      heap_bytes=heap_bytes, timeout=getattr(self, "timeout", None))
         self.transport = self._engine.name
         self._key = (tuple(mdist.global_ranks(group)), self.layout.ranks_per_node, self.hierarchical)
         self.stats = TrafficStats()

@@ -51,6 +51,7 @@ class Code(enum.IntEnum):
     LL_COMBINE_X = 31
     LL_ROUTING = 32
     LL_HANDLE = 33
+    HEAP_CAPACITY = 64  # the symmetric transport's receive slot is too small (numbered apart on purpose)
 
 
 # Dtypes are sent as their index in this table.
@@ -147,6 +148,9 @@ def _render(code: Code, a: int, b: int, c: int) -> tuple[type[Exception], str]:
         return ValueError, f"topk_idx and topk_weights must be int64 and float32 [{a}, num_topk] (the dispatch's T)"
     if code == Code.LL_HANDLE:
         return TypeError, "handle must be the LowLatencyHandle of a low_latency_dispatch of this Buffer"
+    if code == Code.HEAP_CAPACITY:
+        return ValueError, (f"its rows for rank {c} need {a} rows but the symmetric heap's receive slot holds {b} "
+                            "rows of this size: build the Buffer with a larger heap_bytes")
     raise AssertionError(f"unknown status code {code}")
 
 
