@@ -33,10 +33,22 @@ class Heap:
     buffer: torch.Tensor  # [nbytes] uint8, this rank's heap
     ptrs: torch.Tensor  # [R] int64: every rank's heap, as an address in this process
     keep: tuple = ()
+    guard_bytes: int = 0  # virtual heaps only: GUARD-filled bytes on each side of ``buffer``
+    outer: torch.Tensor | None = None  # the allocation holding the guards and the buffer
 
     @property
     def nbytes(self) -> int:
         return self.buffer.numel()
+
+    def guards_intact(self) -> bool:
+        """Whether the guard bytes around the buffer still hold :data:`GUARD` (always True without guards)."""
+        if self.outer is None or self.guard_bytes == 0:
+            return True
+        g = self.guard_bytes
+        return bool((self.outer[:g] == GUARD).all() and (self.outer[-g:] == GUARD).all())
+
+
+GUARD = 0xA5
 
 
 def _check_nbytes(nbytes: int) -> None:
@@ -44,12 +56,18 @@ def _check_nbytes(nbytes: int) -> None:
         raise ValueError(f"heap_bytes must be an int >= 4096, got {nbytes!r}")
 
 
-def virtual_heaps(world_size: int, nbytes: int, device: torch.device | str = "cpu") -> list[Heap]:
-    """The heaps of ``world_size`` virtual ranks in this process: plain tensors sharing one pointer table."""
+def virtual_heaps(world_size: int, nbytes: int, device: torch.device | str = "cpu",
+                  guard_bytes: int = 0) -> list[Heap]:
+    """The heaps of ``world_size`` virtual ranks in this process: plain tensors sharing one pointer table.
+    ``guard_bytes``: that many :data:`GUARD` bytes on each side of every heap (see ``Heap.guards_intact``)."""
     _check_nbytes(nbytes)
-    bufs = [torch.zeros(nbytes, dtype=torch.uint8, device=device) for _ in range(world_size)]
+    g = int(guard_bytes)
+    outers = [torch.full((nbytes + 2 * g,), GUARD, dtype=torch.uint8, device=device) for _ in range(world_size)]
+    bufs = [o[g:g + nbytes] for o in outers]
+    for b in bufs:
+        b.zero_()
     ptrs = torch.tensor([b.data_ptr() for b in bufs], dtype=torch.int64, device=device)
-    return [Heap("virtual", r, world_size, b, ptrs, (bufs,)) for r, b in enumerate(bufs)]
+    return [Heap("virtual", r, world_size, b, ptrs, (outers,), g, o) for r, (b, o) in enumerate(zip(bufs, outers))]
 
 
 def shm_heap(comm, nbytes: int) -> Heap:
