@@ -183,3 +183,49 @@ def _errors_rank(rank, world):
 
 def test_errors_on_every_rank():
     spawn(_errors_rank, 2, timeout=240)
+
+
+def _moe_rank(rank, world):
+    from moekit import MoEConfig
+    from moekit.moe import MoE
+
+    cfg = MoEConfig.preset("tiny", hidden_size=128)
+    torch.manual_seed(0)
+    sd = MoE(cfg).state_dict()
+    x = torch.randn(6 + rank, cfg.hidden_size)
+    outs = []
+    for transport in ("symmetric", "collective"):
+        buf = Buffer(transport=transport, heap_bytes=HEAP, num_sms=2)
+        moe = MoE(cfg, buffer=buf)
+        moe.load_state_dict(sd)
+        xx = x.clone().requires_grad_()
+        y = moe(xx)
+        y.square().sum().backward()
+        outs.append((y.detach(), xx.grad, moe.experts.down_proj.grad.clone()))
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
+
+
+def test_moe_layer_on_the_symmetric_transport():
+    spawn(_moe_rank, 2, timeout=240)
+
+
+def test_info_names_the_heap(capsys):
+    from moekit import cli, platform
+
+    kind, why = platform.symmetric_heap_status()
+    assert kind == ("shm" if not torch.cuda.is_available() else "torch-symm-mem") or kind is None, why
+    assert cli.main(["info"]) == 0
+    assert "symmetric heap" in capsys.readouterr().out
+
+
+def test_transport_argument_is_checked():
+    with pytest.raises(ValueError, match="transport must be one of"):
+        Buffer(transport="nvshmem")
+    with pytest.raises(ValueError, match="heap_bytes must be an int >= 4096"):
+        Buffer(transport="symmetric", heap_bytes=10)
+    assert Buffer().transport == "collective"  # auto on the CPU
+    solo = Buffer(transport="symmetric", heap_bytes=HEAP, num_sms=1)  # one rank, no torch.distributed
+    x, idx = torch.randn(5, 128), torch.randint(0, 4, (5, 2))
+    out = solo.dispatch(x, idx, torch.rand(5, 2), 4)
+    assert torch.equal(out.recv_x, x)
+    assert torch.equal(solo.combine(out.recv_x, out.handle).combined_x, x)

@@ -14,7 +14,9 @@ portable atomics): a program copies its rows into the peer's receive slot, then 
 program meets at a barrier, then ONE release store at system scope sets the program's flag in the
 peer's heap. The waiter reads the flags with acquire loads at system scope before reading the rows.
 No program waits for another program of its launch (a launch may run with fewer SMs than programs;
-the interpreter runs them one at a time): all waiting is for other ranks' launches.
+the interpreter runs them one at a time): all waiting is for other ranks' launches. Offsets are
+widened with ``tl.cast(..., tl.int64)`` before they are multiplied (a loop counter is a plain int in
+the interpreter); no nested ``@triton.jit`` helpers (each costs a re-patch per call in the interpreter).
 """
 
 from __future__ import annotations
@@ -26,12 +28,6 @@ import triton.language as tl
 
 def _pow2(n: int, lo: int = 16, hi: int = 1024) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
-
-
-@triton.jit
-def _i64(x):
-    # Widen to int64 before offsets are multiplied (a loop counter may be a plain int in the interpreter).
-    return x + tl.zeros([], dtype=tl.int64)
 
 
 # ---- push: rows into the peers' receive slots, then one flag per (destination, program) ------------------
@@ -49,7 +45,7 @@ def _push_rows_kernel(ptrs_ptr, src_ptr, idx_ptr, off_ptr, dst_word_off, flag_wo
         hi = tl.load(off_ptr + d + 1)
         for i in range(lo + pid, hi, NUM_PROGS):
             row = tl.load(idx_ptr + i)
-            out_row = _i64(i - lo) * W
+            out_row = tl.cast(i - lo, tl.int64) * W
             for w0 in range(0, W, BLOCK):
                 m = w0 + cols < W
                 v = tl.load(src_ptr + row * W + w0 + cols, mask=m)
@@ -116,9 +112,9 @@ def _notify_kernel(in_rank_ptr, pos_ptr, counts_ptr, T, R, NUM_PROGS: tl.constex
         for t0 in range(0, T, BLOCK_T):
             t = t0 + offs
             m = t < T
-            x = tl.load(in_rank_ptr + _i64(t) * R + d, mask=m, other=0).to(tl.int32)
+            x = tl.load(in_rank_ptr + tl.cast(t, tl.int64) * R + d, mask=m, other=0).to(tl.int32)
             c = tl.cumsum(x, 0) + carry
-            tl.store(pos_ptr + _i64(t) * R + d, tl.where(x > 0, c - 1, -1), mask=m)
+            tl.store(pos_ptr + tl.cast(t, tl.int64) * R + d, tl.where(x > 0, c - 1, -1), mask=m)
             carry += tl.sum(x, 0)
         tl.store(counts_ptr + d, carry.to(tl.int64))
 
@@ -156,12 +152,12 @@ def _combine_kernel(rows_ptr, pos_ptr, out_ptr, T, R, row_stride, slot_rows, WID
             m = w0 + cols < WIDTH
             acc = tl.zeros([BLOCK], dtype=tl.float32)
             for d in range(R):
-                p = tl.load(pos_ptr + _i64(t) * R + d)
+                p = tl.load(pos_ptr + tl.cast(t, tl.int64) * R + d)
                 if p >= 0:
-                    row = _i64(d * slot_rows + 1 + p)
+                    row = tl.cast(d * slot_rows + 1 + p, tl.int64)
                     v = tl.load(rows_ptr + row * row_stride + w0 + cols, mask=m, other=0.0)
                     acc += v.to(tl.float32)
-            tl.store(out_ptr + _i64(t) * WIDTH + w0 + cols, acc, mask=m)
+            tl.store(out_ptr + tl.cast(t, tl.int64) * WIDTH + w0 + cols, acc, mask=m)
 
 
 def combine_rows(rows: torch.Tensor, pos: torch.Tensor, slot_rows: int, num_programs: int) -> torch.Tensor:
