@@ -33,23 +33,27 @@ def _pow2(n: int, lo: int = 16, hi: int = 1024) -> int:
 # ---- push: rows into the peers' receive slots, then one flag per (destination, program) ------------------
 @triton.jit
 def _push_rows_kernel(ptrs_ptr, src_ptr, idx_ptr, off_ptr, dst_word_off, flag_word_off, seq, R, W,
-                      NUM_PROGS: tl.constexpr, BLOCK: tl.constexpr):
+                      NUM_PROGS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK: tl.constexpr):
     # Rows of chunk d = src[idx[off[d]:off[d+1]]] ([*, W] int32 words) go to rank d's heap at word
     # dst_word_off, row after row; then this program's flag, word flag_word_off + pid, becomes seq.
+    # Program p copies rows p, p + K, p + 2K, ... of every chunk, BLOCK_R of them per step.
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
+    lanes = tl.arange(0, BLOCK_R)
     for d in range(R):
         heap = tl.load(ptrs_ptr + d).to(tl.pointer_type(tl.int32))  # rank d's heap in this process
         dst = heap + dst_word_off
         lo = tl.load(off_ptr + d)
-        hi = tl.load(off_ptr + d + 1)
-        for i in range(lo + pid, hi, NUM_PROGS):
-            row = tl.load(idx_ptr + i)
-            out_row = tl.cast(i - lo, tl.int64) * W
+        n = tl.load(off_ptr + d + 1) - lo
+        mine = tl.cdiv(n - pid, NUM_PROGS)  # rows of this chunk that are this program's
+        for j0 in range(0, mine, BLOCK_R):
+            r = pid + (j0 + lanes) * NUM_PROGS  # [BLOCK_R] rows of the chunk
+            rm = r < n
+            row = tl.load(idx_ptr + lo + r, mask=rm, other=0)
             for w0 in range(0, W, BLOCK):
-                m = w0 + cols < W
-                v = tl.load(src_ptr + row * W + w0 + cols, mask=m)
-                tl.store(dst + out_row + w0 + cols, v, mask=m)
+                m = rm[:, None] & (w0 + cols < W)[None, :]
+                v = tl.load(src_ptr + row[:, None] * W + w0 + cols[None, :], mask=m)
+                tl.store(dst + tl.cast(r, tl.int64)[:, None] * W + w0 + cols[None, :], v, mask=m)
         # Data before flag: every thread's stores, then one release store visible system-wide.
         tl.debug_barrier()
         tl.atomic_xchg(heap + flag_word_off + pid, seq, sem="release", scope="sys")
@@ -66,7 +70,7 @@ def push_rows(ptrs: torch.Tensor, src: torch.Tensor, idx: torch.Tensor, off: tor
     """
     r, w = ptrs.numel(), src.shape[1]
     _push_rows_kernel[(num_programs,)](ptrs, src, idx, off, dst_word_off, flag_word_off, seq, r, w,
-                                       NUM_PROGS=num_programs, BLOCK=_pow2(w))
+                                       NUM_PROGS=num_programs, BLOCK_R=4, BLOCK=_pow2(w, hi=512))
 
 
 def push_rows_reference(heaps: list[torch.Tensor], src: torch.Tensor, idx: torch.Tensor, off: list[int],
@@ -141,23 +145,27 @@ def notify_reference(is_token_in_rank: torch.Tensor) -> tuple[torch.Tensor, torc
 # ---- combine: the rows of each token summed in rank order ------------------------------------------------
 @triton.jit
 def _combine_kernel(rows_ptr, pos_ptr, out_ptr, T, R, row_stride, slot_rows, WIDTH,
-                    NUM_PROGS: tl.constexpr, BLOCK: tl.constexpr):
+                    NUM_PROGS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK: tl.constexpr):
     # Token t's row from rank d is row d * slot_rows + 1 + pos[t, d] of the receive area (+1: the status
     # row heading each chunk). Summed in float32 in rank order d = 0, 1, ...: the same additions, in the
-    # same order, whatever the grid, so the result is bitwise reproducible run to run.
+    # same order, whatever the grid, so the result is bitwise reproducible run to run. Program p sums
+    # tiles p, p + K, ... of BLOCK_T tokens.
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
-    for t in range(pid, T, NUM_PROGS):
+    toks = tl.arange(0, BLOCK_T)
+    for t0 in range(pid * BLOCK_T, T, NUM_PROGS * BLOCK_T):
+        t = tl.cast(t0 + toks, tl.int64)
+        tm = t < T
         for w0 in range(0, WIDTH, BLOCK):
-            m = w0 + cols < WIDTH
-            acc = tl.zeros([BLOCK], dtype=tl.float32)
+            cm = (w0 + cols < WIDTH)[None, :]
+            acc = tl.zeros([BLOCK_T, BLOCK], dtype=tl.float32)
             for d in range(R):
-                p = tl.load(pos_ptr + tl.cast(t, tl.int64) * R + d)
-                if p >= 0:
-                    row = tl.cast(d * slot_rows + 1 + p, tl.int64)
-                    v = tl.load(rows_ptr + row * row_stride + w0 + cols, mask=m, other=0.0)
-                    acc += v.to(tl.float32)
-            tl.store(out_ptr + tl.cast(t, tl.int64) * WIDTH + w0 + cols, acc, mask=m)
+                p = tl.load(pos_ptr + t * R + d, mask=tm, other=-1)  # [BLOCK_T]
+                hit = (p >= 0)[:, None]
+                row = tl.cast(d * slot_rows + 1 + p, tl.int64)
+                v = tl.load(rows_ptr + row[:, None] * row_stride + w0 + cols[None, :], mask=hit & cm, other=0.0)
+                acc = tl.where(hit, acc + v.to(tl.float32), acc)
+            tl.store(out_ptr + t[:, None] * WIDTH + w0 + cols[None, :], acc, mask=tm[:, None] & cm)
 
 
 def combine_rows(rows: torch.Tensor, pos: torch.Tensor, slot_rows: int, num_programs: int) -> torch.Tensor:
@@ -165,14 +173,14 @@ def combine_rows(rows: torch.Tensor, pos: torch.Tensor, slot_rows: int, num_prog
 
     ``rows``: a ``[N, width]`` view (bf16/fp16/fp32, row stride any, unit column stride) of the receive area;
     ``pos`` [T, R] int32 from :func:`notify`. Returns ``[T, width]`` float32. ``num_programs`` programs over
-    the tokens. No host sync.
+    the tokens (tiles of 4). No host sync.
     """
     t, r = pos.shape
     width = rows.shape[1]
     assert rows.stride(1) == 1
     out = torch.empty(t, width, dtype=torch.float32, device=rows.device)
     _combine_kernel[(num_programs,)](rows, pos, out, t, r, rows.stride(0), slot_rows, width,
-                                     NUM_PROGS=num_programs, BLOCK=_pow2(width, hi=512))
+                                     NUM_PROGS=num_programs, BLOCK_T=4, BLOCK=_pow2(width, hi=512))
     return out
 
 
