@@ -14,7 +14,7 @@ from .reference import Case, make_inputs, ref_combine, ref_dispatch
 @pytest.mark.parametrize("world,k,mode,tokens,dtype", [
     (2, 1, "random", [9, 5], torch.float32),
     (4, 3, "masked", [7, 0, 5, 12], torch.bfloat16),  # a zero-token rank, -1 entries
-    (4, 100, "skew", [6, 6, 6, 6], torch.float32),  # more programs than rows
+    (4, 20, "skew", [6, 6, 6, 6], torch.float32),  # more programs than rows
     (4, 2, "to_rank0", [5, 4, 3, 2], torch.float16),  # all-to-one
     (8, 4, "empty", [3] * 8, torch.float32),
     (8, 5, "random", [4, 0, 2, 6, 1, 3, 5, 2], torch.bfloat16),

@@ -59,10 +59,12 @@ class Landing:
         if self._data is None:
             ch = self.channel
             ch.wait(self)
-            if ch._pending is self:
-                ch._pending = None
             self._data = self._gather(ch.area(self.parity, self.row_bytes), ch.slot_rows(self.row_bytes))
         return self._data
+
+    def complete(self) -> None:
+        """:meth:`arrive`, for a ``Transfer``'s arrive step."""
+        self.arrive()
 
 
 class Channel:
@@ -108,7 +110,7 @@ class Channel:
         if self._pending is not None:
             self._pending.arrive()  # in-order completion: what makes two receive areas enough
         r, rb = self.world_size, src.shape[1]
-        assert rb % 8 == 0 and len(counts) == r
+        assert rb % 8 == 0 and rb >= wire.STATUS_BYTES and len(counts) == r
         self.seq += 1
         parity = self.seq % 2
         cap = self.slot_rows(rb)
@@ -131,6 +133,8 @@ class Channel:
 
     def wait(self, landing: Landing) -> None:
         """Block until every peer's flags of ``landing`` are set; PeerTimeout names the ranks missing."""
+        if self._pending is landing:
+            self._pending = None
         flags = self.flags[landing.parity].flatten()
         deadline = time.monotonic() + self.timeout
         pause = 1e-4
@@ -262,7 +266,7 @@ class SymmetricTransport(RowEngine):
     def _transfer(self, op: str, landing: Landing, traffic: Traffic) -> Transfer:
         def check():  # the status word heading each received chunk (a host read)
             raise_status(op, first_failure(landing.arrive()["_status"].tolist()), self.world_size)
-        return Transfer(traffic, arrive=lambda: landing.arrive() and None, check=check,
+        return Transfer(traffic, arrive=landing.complete, check=check,
                         unpack=lambda: {k: v for k, v in landing.arrive().items() if k != "_status"})
 
     def _statuses(self, area: torch.Tensor, slot_rows: int) -> torch.Tensor:
@@ -275,7 +279,7 @@ class SymmetricTransport(RowEngine):
             return super().exchange_blocks(send, block_rows, traffic, async_op=async_op)
         # The push is issued now; the Transfer's arrive (a low-latency hook) waits for the flags.
         landing = self.comm.start(send, [block_rows] * self.world_size, [block_rows] * self.world_size)
-        return Transfer(traffic, arrive=lambda: landing.arrive() and None, unpack=landing.arrive)
+        return Transfer(traffic, arrive=landing.complete, unpack=landing.arrive)
 
     # ---- flat dispatch / combine -------------------------------------------------------------------
     def dispatch(self, op: str, plan: DispatchHandle, rows: Rows, *, async_op: bool = False,
