@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from moekit.ep import VirtualGroup
 from moekit.ep.fp8 import quantize_1x128
@@ -81,3 +83,26 @@ def test_sm_split_bench_plumbing_on_the_cpu():
     assert mod.check_correct(2, torch.device("cpu"), 3)
     if not torch.cuda.is_available():
         assert mod.main([]) == 3
+
+
+@settings(max_examples=5, deadline=None)
+@given(world=st.integers(2, 4), k=st.integers(1, 9), seed=st.integers(0, 2 ** 16),
+       mode=st.sampled_from(["random", "masked", "skew", "to_rank0"]), data=st.data())
+def test_hypothesis_shapes(world, k, seed, mode, data):
+    tokens = data.draw(st.lists(st.integers(0, 10), min_size=world, max_size=world))
+    topk = data.draw(st.integers(1, 4))
+    e = 2 * world
+    case = Case(tokens, 128, topk, e, mode, seed=seed)
+    xs, idxs, ws = make_inputs(case, world)
+    vg = VirtualGroup(world, num_sms=k, heap_bytes=1 << 17)
+    outs = vg.dispatch(xs, idxs, ws, e)
+    zs, rows = [], []
+    for d, out in enumerate(outs):
+        rx, ridx, rw, counts, rr = ref_dispatch(xs, idxs, ws, e, world, d)
+        assert torch.equal(out.recv_x, rx) and torch.equal(out.recv_topk_idx, ridx)
+        assert torch.equal(out.recv_topk_weights, rw) and out.num_recv_tokens_per_expert_list == counts
+        zs.append(out.recv_x.tanh())
+        rows.append(rr)
+    want = ref_combine([z.double() for z in zs], rows, tokens, 128)
+    for y, w in zip(vg.combine(zs, [o.handle for o in outs]), want):
+        torch.testing.assert_close(y.combined_x.double(), w, rtol=1e-6, atol=1e-6)
