@@ -218,12 +218,15 @@ def test_info_names_the_heap(capsys):
     assert "symmetric heap" in capsys.readouterr().out
 
 
-def test_transport_argument_is_checked():
+def test_transport_argument_is_checked(monkeypatch):
     with pytest.raises(ValueError, match="transport must be one of"):
         Buffer(transport="nvshmem")
     with pytest.raises(ValueError, match="heap_bytes must be an int >= 4096"):
         Buffer(transport="symmetric", heap_bytes=10)
     assert Buffer().transport == "collective"  # auto on the CPU
+    monkeypatch.setenv("MOEKIT_TRANSPORT", "symmetric")
+    assert Buffer(heap_bytes=HEAP).transport == "symmetric"
+    monkeypatch.delenv("MOEKIT_TRANSPORT")
     solo = Buffer(transport="symmetric", heap_bytes=HEAP, num_sms=1)  # one rank, no torch.distributed
     x, idx = torch.randn(5, 128), torch.randint(0, 4, (5, 2))
     out = solo.dispatch(x, idx, torch.rand(5, 2), 4)

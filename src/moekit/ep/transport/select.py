@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
+import torch.distributed as dist
 
 from ...dist import NodeLayout
 from .. import heap as heapmod
@@ -23,9 +26,9 @@ def symmetric_available(device: torch.device, layout: NodeLayout, hierarchical: 
     return True, why
 
 
-def _check_agree(comm: Comm, heap_bytes: int, num_sms: int) -> None:
+def _check_agree(comm: Comm, heap_bytes: int, num_sms: int, device: torch.device) -> None:
     # Sizes that lay out every heap must agree: the same ValueError on every rank, before anything is mapped.
-    msg = torch.tensor([[heap_bytes, num_sms]] * comm.size, dtype=torch.int64)
+    msg = torch.tensor([[heap_bytes, num_sms]] * comm.size, dtype=torch.int64).to(device)
     got = comm.exchange_fixed(msg).tolist()
     for s, (b, k) in enumerate(got):
         if (b, k) != tuple(got[0]):
@@ -38,26 +41,37 @@ def make_transport(kind: str, comm: Comm, layout: NodeLayout, node_groups=None, 
                    timeout: float | None = None) -> Transport:
     """The Transport of a Buffer. ``kind``: one of :data:`TRANSPORTS` (see ``Buffer``'s docstring).
 
-    ``"auto"`` takes the symmetric transport on a GPU where PyTorch symmetric memory is available (and the
-    path's symmetric stage lies inside one node), else the collective one; on the CPU always the collective
-    one (the shared-memory heap runs the kernels in Triton's interpreter: for tests, chosen explicitly).
-    Collective over the group (over each node for the heap) when the result is symmetric.
+    ``"auto"`` takes the symmetric transport on a GPU where PyTorch symmetric memory is available, the group
+    has several ranks and the path's symmetric stage lies inside one node; else the collective one. On the
+    CPU ``auto`` is always collective (the shared-memory heap runs the kernels in Triton's interpreter: for
+    tests, chosen explicitly). ``MOEKIT_TRANSPORT=collective`` (or ``symmetric``) overrides ``auto``.
+    Collective over the group (over each node for the heap) when the result is symmetric; a one-rank
+    group gets a heap of its own (no torch.distributed needed).
     """
     from .symmetric import DEFAULT_HEAP_BYTES, DEFAULT_TIMEOUT_S, SymmetricTransport
 
-    if kind not in TRANSPORTS:
+    if kind not in TRANSPORTS:  # (an explicit "auto" is resolved below)
         raise ValueError(f"transport must be one of {TRANSPORTS}, got {kind!r}")
     device = torch.device("cpu") if device is None else device
     hierarchical = node_groups is not None
     ok, why = symmetric_available(device, layout, hierarchical)
-    if kind == "collective" or (kind == "auto" and (device.type == "cpu" or not ok)):
+    if kind == "auto":
+        forced = os.environ.get("MOEKIT_TRANSPORT", "")
+        if forced in ("collective", "symmetric"):
+            kind = forced
+        elif device.type == "cpu" or not ok or comm.size == 1 or not dist.is_initialized():
+            kind = "collective"
+    if kind in ("auto", "collective"):
         return CollectiveTransport(comm, layout, node_groups)
     if not ok:
         raise ValueError(f"transport='symmetric' is not available here: {why}")
     heap_bytes = DEFAULT_HEAP_BYTES if heap_bytes is None else heap_bytes
     if isinstance(heap_bytes, bool) or not isinstance(heap_bytes, int) or heap_bytes < 4096:
         raise ValueError(f"heap_bytes must be an int >= 4096 or None, got {heap_bytes!r}")
-    _check_agree(comm, heap_bytes, num_sms)
+    _check_agree(comm, heap_bytes, num_sms, device)
+    if comm.size == 1:
+        return SymmetricTransport(comm, layout, heapmod.virtual_heaps(1, heap_bytes, device)[0], num_sms=num_sms,
+                                  timeout=DEFAULT_TIMEOUT_S if timeout is None else float(timeout))
     if hierarchical:
         me = comm.rank
         heap_comm = Comm(node_groups.intra, layout.ranks_per_node, layout.local_of(me))
