@@ -73,9 +73,10 @@ class Buffer:
             all-to-alls. ``"symmetric"``: moekit's Triton push kernels (``num_sms`` programs) over a
             symmetric heap shared by the ranks of a node (PyTorch symmetric memory on GPUs, POSIX shared
             memory between CPU processes); between nodes the two-stage path stays collective. ``"auto"``
-            (default): symmetric where a GPU heap is available inside the node, else collective (on the
-            CPU the shared-memory heap runs the kernels in Triton's interpreter: a test vehicle, chosen
-            explicitly). Construction with ``"symmetric"`` is collective over the node.
+            (default): symmetric on a GPU group of several ranks where a heap is available inside the node,
+            else collective (on the CPU the shared-memory heap runs the kernels in Triton's interpreter: a
+            test vehicle, chosen explicitly); ``MOEKIT_TRANSPORT`` overrides it. The choice is in the
+            ``transport`` attribute. Construction with ``"symmetric"`` is collective over the node.
         heap_bytes: bytes of each rank's symmetric heap (default 32 MiB; the same on every rank): two receive
             areas of R slots; an exchange whose rows for one rank do not fit a slot raises on every rank.
 

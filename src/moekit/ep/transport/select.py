@@ -44,7 +44,8 @@ def make_transport(kind: str, comm: Comm, layout: NodeLayout, node_groups=None, 
     ``"auto"`` takes the symmetric transport on a GPU where PyTorch symmetric memory is available, the group
     has several ranks and the path's symmetric stage lies inside one node; else the collective one. On the
     CPU ``auto`` is always collective (the shared-memory heap runs the kernels in Triton's interpreter: for
-    tests, chosen explicitly). ``MOEKIT_TRANSPORT=collective`` (or ``symmetric``) overrides ``auto``.
+    tests, chosen explicitly). ``MOEKIT_TRANSPORT=collective`` makes ``auto`` collective everywhere,
+    ``MOEKIT_TRANSPORT=symmetric`` symmetric wherever a heap can serve (the CPU included).
     Collective over the group (over each node for the heap) when the result is symmetric; a one-rank
     group gets a heap of its own (no torch.distributed needed).
     """
@@ -56,10 +57,10 @@ def make_transport(kind: str, comm: Comm, layout: NodeLayout, node_groups=None, 
     hierarchical = node_groups is not None
     ok, why = symmetric_available(device, layout, hierarchical)
     if kind == "auto":
-        forced = os.environ.get("MOEKIT_TRANSPORT", "")
-        if forced in ("collective", "symmetric"):
-            kind = forced
-        elif device.type == "cpu" or not ok or comm.size == 1 or not dist.is_initialized():
+        prefer = os.environ.get("MOEKIT_TRANSPORT", "")
+        if prefer == "collective" or not ok:
+            kind = "collective"
+        elif prefer != "symmetric" and (device.type == "cpu" or comm.size == 1 or not dist.is_initialized()):
             kind = "collective"
     if kind in ("auto", "collective"):
         return CollectiveTransport(comm, layout, node_groups)

@@ -166,8 +166,9 @@ class SymmetricComm:
     word), moved by the push kernels. Used for the intra-node stage of the two-stage path and for the
     small exchanges of the flat path."""
 
-    def __init__(self, channel: Channel, op: str = "exchange"):
+    def __init__(self, channel: Channel, op: str = "exchange", group=None):
         self.channel, self.size, self.rank, self.op = channel, channel.world_size, channel.rank, op
+        self.group = group  # the process group the heap spans (None = the default group), as Comm.group
 
     def start(self, send: torch.Tensor, send_rows: list[int], recv_rows: list[int]) -> Landing:
         """Push ``send`` [sum(send_rows), rb] uint8 chunk by chunk; the Landing's ``"rows"`` are the
@@ -223,7 +224,7 @@ class SymmetricTransport(RowEngine):
             ranks = [layout.rank_of(node, l) for l in range(layout.ranks_per_node)]
         self.heap = heap
         self.channel = Channel(heap, num_sms, timeout, ranks)
-        sym = SymmetricComm(self.channel)
+        sym = SymmetricComm(self.channel, group=comm.group if node_groups is None else node_groups.intra)
         if node_groups is None:
             super().__init__(sym, layout)
         else:
