@@ -62,6 +62,8 @@ def make_transport(kind: str, comm: Comm, layout: NodeLayout, node_groups=None, 
             kind = "collective"
         elif prefer != "symmetric" and (device.type == "cpu" or comm.size == 1 or not dist.is_initialized()):
             kind = "collective"
+        else:
+            kind = "symmetric"
     if kind in ("auto", "collective"):
         return CollectiveTransport(comm, layout, node_groups)
     if not ok:
