@@ -219,6 +219,7 @@ def test_info_names_the_heap(capsys):
 
 
 def test_transport_argument_is_checked(monkeypatch):
+    monkeypatch.delenv("MOEKIT_TRANSPORT", raising=False)
     with pytest.raises(ValueError, match="transport must be one of"):
         Buffer(transport="nvshmem")
     with pytest.raises(ValueError, match="heap_bytes must be an int >= 4096"):
