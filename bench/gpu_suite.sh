@@ -4,6 +4,7 @@
 #      (torch._scaled_mm, bf16 matmul, a device copy);
 #   2. bench/moe_gpu.py: the Buffer and the MoE layer on CUDA tensors (bf16 vs FP8 experts);
 #   3. tests/ep/test_ep_gpu.py: the Buffer's GPU paths (communication stream, FP8, autograd, low latency).
+#   4. bench/sm_split.py: 8 virtual ranks' dispatch/combine kernels on k SMs beside the FP8 GEMM.
 #
 #   bash bench/gpu_suite.sh            # from the repository root or anywhere
 #
@@ -55,9 +56,10 @@ step() {
 step fp8 180 "$PY" bench/fp8_gpu.py
 step moe 60 "$PY" bench/moe_gpu.py
 step ep_gpu_tests 40 "$PY" -m pytest -q -p no:cacheprovider tests/ep/test_ep_gpu.py
+MOEKIT_BENCH_BUDGET_S=60 step sm_split 90 "$PY" bench/sm_split.py
 rc=0
-for name in fp8 moe ep_gpu_tests; do
+for name in fp8 moe ep_gpu_tests sm_split; do
     [ "${RC[$name]}" != 0 ] && rc=1
 done
-echo "gpu_suite: fp8 rc=${RC[fp8]}, moe rc=${RC[moe]}, ep_gpu_tests rc=${RC[ep_gpu_tests]} (0 = passed)" | tee -a "$LOG"
+echo "gpu_suite: fp8 rc=${RC[fp8]}, moe rc=${RC[moe]}, ep_gpu_tests rc=${RC[ep_gpu_tests]}, sm_split rc=${RC[sm_split]} (0 = passed)" | tee -a "$LOG"
 exit "$rc"

@@ -63,6 +63,8 @@ def _info(args: argparse.Namespace) -> int:
     t.add_row("triton mode", "interpreter (TRITON_INTERPRET=1)" if p.triton_interpreted else "compiled")
     t.add_row("PTX fast paths", ("on" if p.ptx_enabled else "off") + f" ({p.ptx_reason})")
     t.add_row("distributed backends", ", ".join(p.dist_backends) or "none")
+    heap, heap_why = platform.symmetric_heap_status()
+    t.add_row("symmetric heap", f"{heap or 'none'} ({heap_why})")
     row = {"cuda": "NVIDIA: Triton -> PTX (+ inline PTX), NCCL",
            "rocm": "AMD: Triton -> AMDGCN, RCCL",
            "cpu": "CPU: torch references (+ Triton interpreter in tests), gloo"}[p.backend]

@@ -50,6 +50,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="reports/demo", help="report folder (default reports/demo)")
     p.add_argument("--no-progress", action="store_true", help="no live progress bar")
+    p.add_argument("--transport", default="auto", choices=["auto", "collective", "symmetric"],
+                   help="how the Buffer moves rows (docs/ep.md, 'Choosing a transport'; default auto)")
     args = p.parse_args(argv)
     for name in ("steps", "world", "ranks_per_node", "batch", "seq_len", "languages"):
         if getattr(args, name) < 1:
@@ -126,7 +128,7 @@ def _rank_main(rank: int, world: int, opts: dict) -> dict:
     if opts["gamma"] is not None:
         cfg = cfg.replace(bias_update_speed=opts["gamma"])
     rpn = opts["ranks_per_node"]
-    buffer = Buffer(None, ranks_per_node=rpn)
+    buffer = Buffer(None, ranks_per_node=rpn, transport=opts.get("transport", "auto"))
     check = dispatch_check(buffer, rank, world, device)
     buffer.stats.reset()
 

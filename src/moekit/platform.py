@@ -63,6 +63,14 @@ def sm_count(device: int | None = None) -> int:
     return os.cpu_count() or 1
 
 
+def symmetric_heap_status() -> tuple[str | None, str]:
+    """Which symmetric heap ``Buffer(transport="symmetric")`` would use here, and why: ``("torch-symm-mem",
+    ...)`` on a GPU whose torch has symmetric memory, ``("shm", ...)`` on the CPU, or ``(None, reason)``."""
+    from .ep.heap import availability  # lazy: platform stays importable before the kernels
+
+    return availability("cpu" if backend() == "cpu" else "cuda")
+
+
 def ptx_status() -> tuple[bool, str]:
     """Whether inline-PTX fast paths may run, and why (they need NVIDIA hardware and compiled Triton)."""
     if os.environ.get("MOEKIT_PTX", "1") == "0":

@@ -8,8 +8,9 @@ from .layout import DispatchLayout, get_dispatch_layout
 from .low_latency import LowLatencyCombineOutput, LowLatencyDispatchOutput, LowLatencyHandle
 from .naive import NaiveBuffer
 from .stats import Traffic, TrafficStats
+from .virtual import VirtualGroup
 
 __all__ = ["Buffer", "CombineOutput", "DispatchHandle", "DispatchLayout", "DispatchOutput", "EventOverlap",
            "LowLatencyCombineOutput", "LowLatencyDispatchOutput", "LowLatencyHandle", "NaiveBuffer", "PeerTimeout",
            "Traffic",
-           "TrafficStats", "WeightedCombineOutput", "get_dispatch_layout"]
+           "TrafficStats", "VirtualGroup", "WeightedCombineOutput", "get_dispatch_layout"]

@@ -22,16 +22,17 @@ import torch.distributed as dist
 from .. import dist as mdist
 from . import checks
 from . import handle as hmod
-from .autograd import CombineFn, DispatchFn
-from .engine import Engine
+from .autograd import Backward, CombineFn, DispatchFn
 from .errors import OK, Code, InputError, Status, dtype_code, meta_mismatch, raise_status
 from .event import EventOverlap
 from .fp8 import FP8_DTYPE, num_scale_cols, quantize_1x128
 from .guard import Failure, Guard, handle_kind, identity_mismatch
 from .handle import DispatchHandle
 from .layout import DispatchLayout, get_dispatch_layout, token_ranks, tokens_per_expert
+from .low_latency import LowLatencyMode
 from .stats import TrafficStats
-from .transport import Comm, nccl
+from .transport import Comm, Rows, Transfer, nccl
+from .transport.select import make_transport
 from .wire import Chunks, RowFormat
 
 
@@ -107,6 +108,16 @@ class Buffer:
             raises :class:`moekit.ep.PeerTimeout` naming the ranks that did not arrive, and the Buffer
             refuses further calls (the process group must be rebuilt). NCCL's stream-ordered
             all-to-alls are bounded by the process group's own timeout instead (docs/ep.md, "Faults").
+        transport: how rows move (docs/ep.md, "Choosing a transport"). ``"collective"``: torch.distributed
+            all-to-alls. ``"symmetric"``: moekit's Triton push kernels (``num_sms`` programs) over a
+            symmetric heap shared by the ranks of a node (PyTorch symmetric memory on GPUs, POSIX shared
+            memory between CPU processes); between nodes the two-stage path stays collective. ``"auto"``
+            (default): symmetric on a GPU group of several ranks where a heap is available inside the node,
+            else collective (on the CPU the shared-memory heap runs the kernels in Triton's interpreter: a
+            test vehicle, chosen explicitly); ``MOEKIT_TRANSPORT`` overrides it. The choice is in the
+            ``transport`` attribute. Construction with ``"symmetric"`` is collective over the node.
+        heap_bytes: bytes of each rank's symmetric heap (default 32 MiB; the same on every rank): two receive
+            areas of R slots; an exchange whose rows for one rank do not fit a slot raises on every rank.
         check_handles: exchange a small status + handle-identity message before the rows of a combine,
             cached dispatch or low-latency combine, so that a stale, foreign or mismatched handle (or
             ranks calling different methods) is a collective ``ValueError`` instead of a mismatched
@@ -121,7 +132,8 @@ class Buffer:
     num_sms: int = 20
 
     def __init__(self, group=None, *, ranks_per_node: int | None = None, num_sms: int | None = None,
-                 hierarchical: bool | None = None, timeout: float = 300.0, check_handles: bool | None = None):
+                 hierarchical: bool | None = None, timeout: float = 300.0, check_handles: bool | None = None,
+                 transport: str = "auto", heap_bytes: int | None = None):
         if num_sms is not None and (isinstance(num_sms, bool) or not isinstance(num_sms, int) or num_sms < 1):
             raise ValueError(f"num_sms must be a positive int or None, got {num_sms!r}")
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < float("inf"):
@@ -145,17 +157,30 @@ class Buffer:
         self._node_groups = mdist.new_node_groups(group, self.layout, self._pg_options) if self.hierarchical else None
         self._key = (tuple(mdist.global_ranks(group)), self.layout.ranks_per_node, self.hierarchical)
         self._guard = Guard(self._key, self.rank, self.num_ranks, self.timeout)
-        self._engine = Engine(Comm(comm_group, self.num_ranks, self.rank, self.timeout, self._guard.on_fail),
-                              self.layout, self._node_groups)
-        self.stats = TrafficStats()
-        self._comm_stream = None
         self._msg_device = torch.device("cpu") if backend == "gloo" else torch.device("cuda",
                                                                                      torch.cuda.current_device())
+        # The transport (what moves rows); kept as _engine, the name the Buffer always had for it.
+        self._engine = make_transport(transport, Comm(comm_group, self.num_ranks, self.rank, self.timeout,
+                                                      self._guard.on_fail),
+                                      self.layout, self._node_groups, num_sms=self.num_sms, device=self._msg_device,
+                                      heap_bytes=heap_bytes, timeout=self.timeout)
+        self.transport = self._engine.name
+        self.stats = TrafficStats()
+        self._comm_stream = None
+        self._backward = Backward(self._engine, self.stats)
         # Low-latency mode: on a host-check backend the sizes and statuses are exchanged before the block
         # (the host reads everything anyway); on a device backend they travel in the block's header.
-        self._ll_host_checks = self._msg_device.type == "cpu"
-        self._ll_sizes = None  # sizes of the last valid low-latency dispatch (device backends, see low_latency.py)
+        self._low_latency = LowLatencyMode(self._engine, self.stats, self._key, self._msg_device.type == "cpu",
+                                           self._msg_device)
         self._check_handles = self._ll_host_checks if check_handles is None else bool(check_handles)
+
+    @property
+    def _ll_host_checks(self) -> bool:
+        return self._low_latency.host_checks
+
+    @_ll_host_checks.setter
+    def _ll_host_checks(self, value: bool) -> None:  # tests run the device-backend protocol on gloo
+        self._low_latency.host_checks = bool(value)
 
     @classmethod
     def set_num_sms(cls, num_sms: int) -> None:
@@ -354,10 +379,9 @@ class Buffer:
             fmt = h.dispatch_format
             fields = {f.name: torch.zeros(h.num_tokens, f.width, dtype=f.dtype, device=h.send_token.device)
                       for f in fmt.fields}
-            works, finish, check, traffic = self._engine.forward("dispatch", h, fmt, fields, status,
-                                                                 lambda _: None, False)
-            self.stats.record(traffic)
-            check()
+            transfer = self._engine.dispatch("dispatch", h, Rows(fmt, fields, status))
+            self.stats.record(transfer.traffic)
+            transfer.check()
             raise AssertionError("unreachable: the local status is a failure")
         return self._dispatch_data(h, info, fp8, topk_idx, topk_weights, async_finish)
 
@@ -410,16 +434,16 @@ class Buffer:
 
         def run():
             event_box.append(self._launch(
-                lambda cpu_async: self._engine.forward("dispatch", h, fmt, fields, status, post, cpu_async, stage2,
-                                                      out=direct),
-                async_finish, device, [t for t in fields.values()]))
+                lambda cpu_async: self._engine.dispatch("dispatch", h, Rows(fmt, fields, status), async_op=cpu_async,
+                                                        stage2_rows=stage2, out=direct),
+                post, async_finish, device, [t for t in fields.values()]))
             return recv_x, (recv_idx if recv_idx is not None else torch.empty(0, dtype=torch.int64)), \
                 (recv_w if recv_w is not None else torch.empty(0))
 
         x_grad = not wire_fp8 and info.data.requires_grad
         w_grad = topk_weights is not None and topk_weights.requires_grad
         if torch.is_grad_enabled() and (x_grad or w_grad):
-            recv_x, ri, rw = DispatchFn.apply(self, h, run, info.data if not wire_fp8 else None, topk_weights)
+            recv_x, ri, rw = DispatchFn.apply(self._backward, h, run, info.data if not wire_fp8 else None, topk_weights)
             recv_idx = ri if recv_idx is not None else None
             recv_w = rw if recv_w is not None else None
         else:
@@ -509,12 +533,12 @@ class Buffer:
             if weights is not None:
                 fields["w"] = weights[0]
             event_box.append(self._launch(
-                lambda cpu_async: self._engine.reverse("combine", h, fmt, fields, status, post, cpu_async),
-                async_finish, x.device, [fields["x"]]))  # (the converted copy, when there is one, is what travels)
+                lambda cpu_async: self._engine.combine("combine", h, Rows(fmt, fields, status), async_op=cpu_async),
+                post, async_finish, x.device, [fields["x"]]))  # (the converted copy, if any, is what travels)
             return out
 
         if torch.is_grad_enabled() and x.requires_grad:
-            out = CombineFn.apply(self, h, run, x)
+            out = CombineFn.apply(self._backward, h, run, x)
         else:
             run()
         return CombineOutput(out, event_box[0])
@@ -543,10 +567,9 @@ class Buffer:
         on the host when the call completes (``hook()`` / ``event.wait()``, or at return without them:
         the only host sync). Traffic: every rank sends every rank ``L * C`` rows, used or not.
         """
-        from .low_latency import low_latency_dispatch
         seq = self._guard.begin("low_latency_dispatch")
-        out = low_latency_dispatch(self, x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
-                                   use_fp8=use_fp8, async_finish=async_finish, return_recv_hook=return_recv_hook,
+        out = self._low_latency.dispatch(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
+                                         use_fp8=use_fp8, async_finish=async_finish, return_recv_hook=return_recv_hook,
                                    round_scale=round_scale)
         out.handle.seq = seq  # the handle's identity (guard.py)
         return out
@@ -564,7 +587,6 @@ class Buffer:
         accumulation, x's dtype), event, hook)``. Errors as in ``low_latency_dispatch``, always from the
         block's status rows (its size comes from the handle alone).
         """
-        from .low_latency import low_latency_combine
         self._guard.begin("low_latency_combine")
         status = OK
         kind = handle_kind(handle)
@@ -573,8 +595,8 @@ class Buffer:
         elif handle.key != self._key:
             status = Status(int(Code.HANDLE_FOREIGN), self.rank)
         self._handle_preflight("low_latency_combine", "low_latency_combine", status, handle, 1)
-        return low_latency_combine(self, x, topk_idx, topk_weights, handle, async_finish=async_finish,
-                                   return_recv_hook=return_recv_hook)
+        return self._low_latency.combine(x, topk_idx, topk_weights, handle, async_finish=async_finish,
+                                         return_recv_hook=return_recv_hook)
 
     # ---- faults ---------------------------------------------------------------------------------
     def agree(self, error: BaseException | None, what: str = "Buffer.agree") -> None:
@@ -591,65 +613,17 @@ class Buffer:
         self._guard.preflight(what, self._engine.comm, status, ident, hmod.msg_width(self.layout.ranks_per_node),
                               self._msg_device)
 
-    # ---- gradients ------------------------------------------------------------------------------
-    def _combine_grads(self, h: DispatchHandle, gx, gw, x_dtype):
-        """Backward of dispatch: combine of ``gx`` [M, H] and ``gw`` [M, K] (either may be None).
-
-        The row format comes from the handle alone (x in its dtype unless the dispatch was FP8, w when it had
-        weights), so that ranks whose inputs need different gradients still send rows of one size.
-        """
-        device, m = h.send_token.device, h.num_recv_tokens
-        if h.num_worst_tokens:  # the padding rows of a num_worst_tokens dispatch were never sent
-            gx, gw = (g[:m] if g is not None else None for g in (gx, gw))
-        spec, fields = [], {}
-        want_x = gx is not None
-        if not h.fp8:  # an FP8 dispatch is not differentiable in x on any rank
-            gx = gx if want_x else torch.zeros(m, h.hidden, dtype=h.x_dtype, device=device)
-            spec.append(("x", h.x_dtype, h.hidden))
-            fields["x"] = gx.to(h.x_dtype).contiguous()
-        if h.has_weights:
-            k = h.topk_idx.shape[1]
-            spec.append(("w", torch.float32, k))
-            fields["w"] = gw.float() if gw is not None else torch.zeros(m, k, dtype=torch.float32, device=device)
-        assert spec, "a dispatch with neither float x nor weights has no gradient"
-        got = {}
-        works, finish, check, traffic = self._engine.reverse("dispatch (backward)", h, RowFormat(spec), fields,
-                                                             OK, got.update, False)
-        self.stats.record(traffic)
-        check()
-        finish()
-        out_x = got["x"].to(x_dtype) if want_x and x_dtype is not None else None
-        return out_x, (got.get("w") if gw is not None else None)
-
-    def _dispatch_grads(self, h: DispatchHandle, g: torch.Tensor) -> torch.Tensor:
-        """Backward of combine: dispatch of ``g`` [T, H] along the handle's routes, in the handle's dtype."""
-        fmt = RowFormat([("x", h.x_dtype, h.hidden)])
-        got = {}
-        works, finish, check, traffic = self._engine.forward("combine (backward)", h, fmt,
-                                                             {"x": g.to(h.x_dtype).contiguous()},
-                                                             OK, got.update, False)
-        self.stats.record(traffic)
-        check()
-        finish()
-        return got["x"].to(g.dtype)
-
     # ---- launching -----------------------------------------------------------------------------
     def _comm_stream_for(self, device: torch.device):
         if self._comm_stream is None:
             self._comm_stream = torch.cuda.Stream(device=device)
         return self._comm_stream
 
-    @staticmethod
-    def _no_grad_finish(start):
-        # finish writes into tensors that autograd already handed out (async): never record that.
-        def wrapped(cpu_async):
-            works, finish, check, traffic = start(cpu_async)
-            return works, torch.no_grad()(finish), check, traffic
-        return wrapped
+    def _launch(self, start, post, async_finish: bool, device: torch.device, inputs) -> EventOverlap:
+        """Run an exchange: ``start(cpu_async)`` → a :class:`Transfer`; ``post`` gets its unpacked fields.
 
-    def _launch(self, start, async_finish: bool, device: torch.device, inputs) -> EventOverlap:
-        """Run an exchange: ``start(cpu_async)`` → ``(works, finish, check, traffic)``."""
-        start = self._no_grad_finish(start)
+        Unpacking writes into tensors that autograd may already have handed out (async): never recorded.
+        """
         if async_finish and device.type == "cuda":
             # GPU: everything on the communication stream; the host only enqueues.
             stream = self._comm_stream_for(device)
@@ -657,19 +631,20 @@ class Buffer:
             for t in inputs:
                 t.record_stream(stream)
             with torch.cuda.stream(stream):
-                works, finish, check, traffic = start(False)
-                finish()
+                transfer: Transfer = start(False)
+                with torch.no_grad():
+                    post(transfer.unpack())
                 event = torch.cuda.Event()
                 event.record(stream)
-            self.stats.record(traffic)
-            return EventOverlap(cuda_event=event, check=check)
-        works, finish, check, traffic = start(async_finish)
-        self.stats.record(traffic)
+            self.stats.record(transfer.traffic)
+            return EventOverlap(cuda_event=event, check=transfer.check)
+        transfer = start(async_finish)
+        self.stats.record(transfer.traffic)
+
+        @torch.no_grad()
+        def done():
+            post(transfer.wait())
         if async_finish:
-            def done():
-                check()
-                finish()
-            return EventOverlap(works, finish=done)
-        check()
-        finish()
+            return EventOverlap(finish=done)
+        done()
         return EventOverlap()

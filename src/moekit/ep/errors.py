@@ -67,6 +67,7 @@ class Code(enum.IntEnum):
     HANDLE_STALE = 47  # a = field (IDENTITY_FIELDS), b = the majority's value, c = the value on `rank`
     OP_MISMATCH = 48  # a = the majority's call, b = the call on `rank` (CALLS)
     LAYER_HIDDEN = 49  # a = hidden_size, b = the last dim given, c = its ndim
+    HEAP_CAPACITY = 64  # the symmetric transport's receive slot is too small (numbered apart on purpose)
 
 
 # Dtypes are sent as their index in this table.
@@ -236,6 +237,9 @@ def _render(code: Code, a: int, b: int, c: int) -> tuple[type[Exception], str]:
                             f"{CALLS[b]} (every rank must make the same collective calls in the same order)")
     if code == Code.LAYER_HIDDEN:
         return ValueError, f"MoE: hidden_states must be [..., hidden_size={a}], got a {c}-D tensor ending in {b}"
+    if code == Code.HEAP_CAPACITY:
+        return ValueError, (f"its rows for rank {c} need {a} rows but the symmetric heap's receive slot holds {b} "
+                            "rows of this size: build the Buffer with a larger heap_bytes")
     raise AssertionError(f"unknown status code {code}")
 
 

@@ -31,7 +31,8 @@ from .checks import FLOAT_DTYPES, check_expert_range, check_float_x, check_num_e
 from .errors import OK, STATUS_INTS, Code, InputError, Status, dtype_code, first_failure, meta_mismatch, raise_status
 from .event import EventOverlap
 from .fp8 import FP8_DTYPE, num_scale_cols, quantize_1x128
-from .stats import traffic_by_peer
+from .stats import TrafficStats, traffic_by_peer
+from .transport import Transfer, Transport
 from .wire import STATUS_BYTES, RowFormat, ints_on
 
 META_INTS = 7  # MISMATCH_FIELDS order: hidden, x dtype, E, (K: unused), fp8, (weights: unused), C
@@ -114,14 +115,14 @@ def _range_status(topk_idx: torch.Tensor, num_experts: int, rank: int) -> torch.
     return torch.where(bad, fail, ok)
 
 
-def _preflight(buffer, op: str, status: Status, sizes: _Sizes | None) -> None:
+def _preflight(transport: Transport, op: str, status: Status, sizes: _Sizes | None) -> None:
     """Host-check backends: exchange status + sizes (fixed size) and raise the same error on every rank."""
-    r = buffer.num_ranks
+    r = transport.world_size
     msg = torch.zeros(r, STATUS_INTS + META_INTS, dtype=torch.int64)
     msg[:, :STATUS_INTS] = torch.tensor(status.ints(), dtype=torch.int64)
     if sizes is not None:
         msg[:, STATUS_INTS:] = torch.tensor(sizes.meta(), dtype=torch.int64)
-    got = buffer._engine.comm.exchange_fixed(msg).tolist()
+    got = transport.exchange_fixed(msg).tolist()
     raise_status(op, first_failure(row[:STATUS_INTS] for row in got), r)
     raise_status(op, meta_mismatch(row[STATUS_INTS:] for row in got), r)
 
@@ -136,37 +137,67 @@ def _header_view(buf: torch.Tensor, r: int, block_rows: int, hdr: int, num_ints:
     return buf.view(r, block_rows * rb)[:, :hdr * rb].view(torch.int64)[:, :num_ints]
 
 
-def _finish(works, async_finish: bool, return_recv_hook: bool, finish):
+def _finish(transfer: Transfer, async_finish: bool, return_recv_hook: bool, finish):
+    def done():
+        transfer.arrive()
+        finish(transfer.unpack()["rows"])
     if async_finish or return_recv_hook:
-        ev = EventOverlap(works, finish=finish)
+        ev = EventOverlap(finish=done)
         return ev, (ev.wait if return_recv_hook else None)
-    for w in works:
-        w.wait()
-    finish()
+    done()
     return EventOverlap(), None
 
 
-def low_latency_dispatch(buffer, x: torch.Tensor, topk_idx: torch.Tensor, num_max_dispatch_tokens_per_rank: int,
-                         num_experts: int, *, use_fp8: bool = True, async_finish: bool = False,
-                         return_recv_hook: bool = False, round_scale: bool = True) -> LowLatencyDispatchOutput:
-    op, r, rank = "low_latency_dispatch", buffer.num_ranks, buffer.rank
+class LowLatencyMode:
+    """The low-latency exchanges of one Buffer (owned by it): fixed-capacity blocks over its transport.
+
+    Args:
+        transport: the Buffer's :class:`~moekit.ep.transport.Transport` (its ``exchange_blocks`` moves the
+            block; ``exchange_fixed`` the host-check preflight).
+        stats: the Buffer's traffic counters. key: the Buffer's group/layout key (handles carry it).
+        host_checks: True on a host-check backend (gloo): sizes and statuses are exchanged before the block.
+    """
+
+    def __init__(self, transport: Transport, stats: TrafficStats, key: tuple, host_checks: bool,
+                 msg_device: torch.device):
+        self.transport, self.stats, self.key = transport, stats, key
+        self.host_checks, self.msg_device = host_checks, msg_device
+        self.sizes: _Sizes | None = None  # sizes of the last valid dispatch (device backends)
+
+    def dispatch(self, x, topk_idx, num_max_dispatch_tokens_per_rank: int, num_experts: int, *,
+                 use_fp8: bool = True, async_finish: bool = False,
+                 return_recv_hook: bool = False, round_scale: bool = True) -> LowLatencyDispatchOutput:
+        """See :meth:`moekit.Buffer.low_latency_dispatch`."""
+        return _dispatch(self, x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, use_fp8,
+                         async_finish, return_recv_hook, round_scale)
+
+    def combine(self, x, topk_idx, topk_weights, handle, *, async_finish: bool = False,
+                return_recv_hook: bool = False) -> LowLatencyCombineOutput:
+        """See :meth:`moekit.Buffer.low_latency_combine`."""
+        return _combine(self, x, topk_idx, topk_weights, handle, async_finish, return_recv_hook)
+
+
+def _dispatch(mode: LowLatencyMode, x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, use_fp8,
+              async_finish, return_recv_hook, round_scale=True) -> LowLatencyDispatchOutput:
+    transport = mode.transport
+    op, r, rank = "low_latency_dispatch", transport.world_size, transport.rank
     status, sizes = OK, None
     try:
         sizes = _check_dispatch(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, use_fp8, r)
-        if buffer._ll_host_checks:
+        if mode.host_checks:
             check_expert_range(topk_idx, num_experts)  # one host sync (two scalars): free on the CPU
     except InputError as err:
         status = err.status(rank)
-    if buffer._ll_host_checks:
-        _preflight(buffer, op, status, sizes)  # raises on every rank if any rank failed or sizes differ
+    if mode.host_checks:
+        _preflight(transport, op, status, sizes)  # raises on every rank if any rank failed or sizes differ
     elif sizes is None:
         # Device backend, a rank whose x cannot size the block: it sends a block of the size of its
         # previous call's (what the peers most likely use) and the peers raise from its status.
-        sizes = buffer._ll_sizes
+        sizes = mode.sizes
         if sizes is None:
             raise_status(op, status, r)  # nothing to size the block with: local error (see docs/ep.md)
     if status.ok:
-        buffer._ll_sizes = sizes
+        mode.sizes = sizes
     hidden, c, e, fp8 = sizes.hidden, sizes.capacity, sizes.num_experts, sizes.fp8
     l = e // r
     fmt = sizes.row_format()
@@ -175,13 +206,13 @@ def low_latency_dispatch(buffer, x: torch.Tensor, topk_idx: torch.Tensor, num_ma
     hdr = _header_rows(n_hdr, rb)
     block = hdr + l * c  # rows per peer
     device = x.device if isinstance(x, torch.Tensor) else (topk_idx.device if isinstance(topk_idx, torch.Tensor)
-                                                          else buffer._msg_device)
+                                                          else mode.msg_device)
     send = torch.zeros(r * block + 1, rb, dtype=torch.uint8, device=device)  # + a spare row for masked entries
     head = _header_view(send[:-1], r, block, hdr, n_hdr)  # [R, n_hdr]
     head[:, STATUS_INTS:STATUS_INTS + META_INTS] = ints_on(sizes.meta(), device)
     if status.ok:
         t = x.shape[0]
-        if not buffer._ll_host_checks:
+        if not mode.host_checks:
             head[:, :STATUS_INTS] = _range_status(topk_idx, e, rank)  # on the device: no host sync
         chosen = torch.zeros(t, e + 1, dtype=torch.bool, device=device)
         chosen.scatter_(1, torch.where((topk_idx >= 0) & (topk_idx < e), topk_idx, e), True)
@@ -206,22 +237,22 @@ def low_latency_dispatch(buffer, x: torch.Tensor, topk_idx: torch.Tensor, num_ma
         head[:, :STATUS_INTS] = ints_on(status.ints(), device)
         slot = torch.zeros(0, e, dtype=torch.int64, device=device)
     send = send[:-1]
-    comm = buffer._engine.comm
-    recv, work = comm.all_to_all_rows(send, [block] * r, [block] * r, async_op=async_finish or return_recv_hook)
-    buffer.stats.record(traffic_by_peer([l * c * rb] * r, buffer.layout, rank))
+    transfer = transport.exchange_blocks(send, block, traffic_by_peer([l * c * rb] * r, transport.layout, rank),
+                                         async_op=async_finish or return_recv_hook)
+    mode.stats.record(transfer.traffic)
     recv_x = torch.empty(l, r * c, hidden, dtype=FP8_DTYPE if fp8 else sizes.x_dtype, device=device)
     recv_scales = torch.empty(l, r * c, num_scale_cols(hidden), dtype=torch.float32, device=device) if fp8 else None
     recv_count = torch.empty(l, dtype=torch.int64, device=device)
     recv_counts = torch.zeros(r, l, dtype=torch.int64, device=device)
     handle = LowLatencyHandle(x.shape[0] if status.ok else 0, c, e, hidden, slot, recv_counts, sizes.x_dtype,
-                              buffer._key)
+                              mode.key)
 
     @torch.no_grad()
-    def finish():
+    def finish(recv):
         got_head = _header_view(recv, r, block, hdr, n_hdr)
         # The status words (a host read; on a GPU this is the call's one host sync, at its completion).
         raise_status(op, first_failure(got_head[:, :STATUS_INTS].tolist()), r)
-        if not buffer._ll_host_checks:
+        if not mode.host_checks:
             raise_status(op, meta_mismatch(got_head[:, STATUS_INTS:STATUS_INTS + META_INTS].tolist()), r)
         recv_counts.copy_(got_head[:, STATUS_INTS + META_INTS:])
         src_row, valid = _packed_index(recv_counts, c)  # [L, R*C]
@@ -236,7 +267,7 @@ def low_latency_dispatch(buffer, x: torch.Tensor, topk_idx: torch.Tensor, num_ma
                           torch.where(valid.unsqueeze(2), rows.view(torch.uint8), 0).view(FP8_DTYPE))
         recv_count.copy_(recv_counts.sum(0))
 
-    event, hook = _finish([work] if work else [], async_finish, return_recv_hook, finish)
+    event, hook = _finish(transfer, async_finish, return_recv_hook, finish)
     out_x = (recv_x, recv_scales) if fp8 else recv_x
     return LowLatencyDispatchOutput(out_x, recv_count, handle, event, hook)
 
@@ -267,11 +298,11 @@ def _check_combine(x, topk_idx, topk_weights, handle: LowLatencyHandle, num_rank
         raise InputError(Code.DEVICE)
 
 
-def low_latency_combine(buffer, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
-                        handle: LowLatencyHandle, *, async_finish: bool = False,
-                        return_recv_hook: bool = False) -> LowLatencyCombineOutput:
-    op, r, rank = "low_latency_combine", buffer.num_ranks, buffer.rank
-    if not isinstance(handle, LowLatencyHandle) or handle.key != buffer._key:
+def _combine(mode: LowLatencyMode, x, topk_idx, topk_weights, handle, async_finish,
+             return_recv_hook) -> LowLatencyCombineOutput:
+    transport = mode.transport
+    op, r, rank = "low_latency_combine", transport.world_size, transport.rank
+    if not isinstance(handle, LowLatencyHandle) or handle.key != mode.key:
         # Without the handle nothing sizes the block: raised locally (SPMD programs do it on every rank).
         raise_status(op, Status(int(Code.LL_HANDLE), rank), r)
     c, e, t, hidden = handle.capacity, handle.num_experts, handle.num_tokens, handle.hidden
@@ -279,7 +310,7 @@ def low_latency_combine(buffer, x: torch.Tensor, topk_idx: torch.Tensor, topk_we
     status = OK
     try:
         _check_combine(x, topk_idx, topk_weights, handle, r)
-        if buffer._ll_host_checks:
+        if mode.host_checks:
             check_expert_range(topk_idx, e)
     except InputError as err:
         status = err.status(rank)
@@ -290,7 +321,7 @@ def low_latency_combine(buffer, x: torch.Tensor, topk_idx: torch.Tensor, topk_we
     send = torch.zeros(r * block, rb, dtype=torch.uint8, device=device)
     st = send.view(r, block, rb)[:, 0, :STATUS_BYTES].view(torch.int64)  # [R, STATUS_INTS]
     if status.ok:
-        if not buffer._ll_host_checks:
+        if not mode.host_checks:
             st.copy_(_range_status(topk_idx, e, rank).expand(r, -1))
         # Back to the fixed block layout [R, L, C, H]: row (s, e, j) = packed row offset[e, s] + j.
         counts = handle.counts  # [R, L]
@@ -304,14 +335,14 @@ def low_latency_combine(buffer, x: torch.Tensor, topk_idx: torch.Tensor, topk_we
         fmt.views(send)["x"].view(r, block, hidden)[:, 1:].copy_(rows.reshape(r, l * c, hidden))
     else:
         st.copy_(ints_on(status.ints(), device).expand(r, -1))
-    comm = buffer._engine.comm
-    back, work = comm.all_to_all_rows(send, [block] * r, [block] * r, async_op=async_finish or return_recv_hook)
-    buffer.stats.record(traffic_by_peer([l * c * rb] * r, buffer.layout, rank))
+    transfer = transport.exchange_blocks(send, block, traffic_by_peer([l * c * rb] * r, transport.layout, rank),
+                                         async_op=async_finish or return_recv_hook)
+    mode.stats.record(transfer.traffic)
     out_dtype = x.dtype if status.ok else handle.x_dtype
     out = torch.empty(t, hidden, dtype=out_dtype, device=device)
 
     @torch.no_grad()
-    def finish():
+    def finish(back):
         statuses = back.view(r, block, rb)[:, 0, :STATUS_BYTES].view(torch.int64)
         raise_status(op, first_failure(statuses.tolist()), r)  # host read (GPU: at completion)
         valid_k = (topk_idx >= 0) & (topk_idx < e)
@@ -322,5 +353,5 @@ def low_latency_combine(buffer, x: torch.Tensor, topk_idx: torch.Tensor, topk_we
         # where, not a zero weight: a masked entry must not turn an inf/nan of another row into nan.
         out.copy_(torch.where(valid_k.unsqueeze(2), got.float() * topk_weights.unsqueeze(2), 0.0).sum(1))
 
-    event, hook = _finish([work] if work else [], async_finish, return_recv_hook, finish)
+    event, hook = _finish(transfer, async_finish, return_recv_hook, finish)
     return LowLatencyCombineOutput(out, event, hook)

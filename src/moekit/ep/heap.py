@@ -1,0 +1,130 @@
+"""Symmetric heaps: every rank's receive area, and a table of where every peer's area is, in this process.
+
+One small interface, three implementations:
+
+* :func:`torch_symmetric_heap` — PyTorch symmetric memory on CUDA/ROCm nodes
+  (``torch.distributed._symmetric_memory.empty`` + ``rendezvous``: ``buffer_ptrs`` are the peers' buffers
+  mapped into this process, ``signal_pad_ptrs`` their signal pads).
+* :func:`shm_heap` — POSIX shared memory between the CPU processes of one node (gloo ranks): each rank
+  creates a ``/dev/shm`` file, every rank maps all of them, and its pointer table holds the addresses of
+  *its own* mappings (they differ from process to process).
+* :func:`virtual_heaps` — the heaps of N virtual ranks in one process (one GPU or the CPU).
+
+A :class:`Heap` is one rank's view: ``buffer`` (its own bytes, ``[nbytes]`` uint8) and ``ptrs``
+(``[R]`` int64, rank d's buffer as an address valid here), on the device the kernels run on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import uuid
+
+import torch
+
+
+@dataclasses.dataclass(eq=False)
+class Heap:
+    """One rank's view of a symmetric heap. ``keep`` holds what must outlive the mappings (handles)."""
+
+    kind: str  # "torch-symm-mem" | "shm" | "virtual"
+    rank: int
+    world_size: int
+    buffer: torch.Tensor  # [nbytes] uint8, this rank's heap
+    ptrs: torch.Tensor  # [R] int64: every rank's heap, as an address in this process
+    keep: tuple = ()
+    guard_bytes: int = 0  # virtual heaps only: GUARD-filled bytes on each side of ``buffer``
+    outer: torch.Tensor | None = None  # the allocation holding the guards and the buffer
+
+    @property
+    def nbytes(self) -> int:
+        return self.buffer.numel()
+
+    def guards_intact(self) -> bool:
+        """Whether the guard bytes around the buffer still hold :data:`GUARD` (always True without guards)."""
+        if self.outer is None or self.guard_bytes == 0:
+            return True
+        g = self.guard_bytes
+        return bool((self.outer[:g] == GUARD).all() and (self.outer[-g:] == GUARD).all())
+
+
+GUARD = 0xA5
+
+
+def _check_nbytes(nbytes: int) -> None:
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 4096:
+        raise ValueError(f"heap_bytes must be an int >= 4096, got {nbytes!r}")
+
+
+def virtual_heaps(world_size: int, nbytes: int, device: torch.device | str = "cpu",
+                  guard_bytes: int = 0) -> list[Heap]:
+    """The heaps of ``world_size`` virtual ranks in this process: plain tensors sharing one pointer table.
+    ``guard_bytes``: that many :data:`GUARD` bytes on each side of every heap (see ``Heap.guards_intact``)."""
+    _check_nbytes(nbytes)
+    g = int(guard_bytes)
+    outers = [torch.full((nbytes + 2 * g,), GUARD, dtype=torch.uint8, device=device) for _ in range(world_size)]
+    bufs = [o[g:g + nbytes] for o in outers]
+    for b in bufs:
+        b.zero_()
+    ptrs = torch.tensor([b.data_ptr() for b in bufs], dtype=torch.int64, device=device)
+    return [Heap("virtual", r, world_size, b, ptrs, (outers,), g, o) for r, (b, o) in enumerate(zip(bufs, outers))]
+
+
+def shm_heap(comm, nbytes: int) -> Heap:
+    """A heap in POSIX shared memory over the CPU processes of ``comm`` (a ``Comm``; collective).
+
+    Each rank creates ``/dev/shm/moekit-<token>-<rank>`` (the token from rank 0), maps every rank's file
+    with ``torch.from_file(shared=True)``, and after a second exchange (all mapped) removes its own name:
+    the mappings stay valid and nothing is left in ``/dev/shm`` when a process dies. Every rank must pass
+    the same ``nbytes`` (checked by the transport).
+    """
+    _check_nbytes(nbytes)
+    r, me = comm.size, comm.rank
+    token = torch.zeros(r, 2, dtype=torch.int64)
+    if me == 0:
+        u = uuid.uuid4().int
+        token[:, 0], token[:, 1] = u & ((1 << 62) - 1), (u >> 62) & ((1 << 62) - 1)
+    got = comm.exchange_fixed(token)[0].tolist()  # row 0 came from rank 0
+    name = f"moekit-{got[0]:x}{got[1]:x}"
+    paths = [f"/dev/shm/{name}-{d}" for d in range(r)]
+    with open(paths[me], "wb") as f:
+        f.truncate(nbytes)
+    comm.exchange_fixed(torch.zeros(r, 1, dtype=torch.int64))  # every file exists
+    bufs = [torch.from_file(p, shared=True, size=nbytes, dtype=torch.uint8) for p in paths]
+    comm.exchange_fixed(torch.zeros(r, 1, dtype=torch.int64))  # every rank has mapped every file
+    os.unlink(paths[me])
+    ptrs = torch.tensor([b.data_ptr() for b in bufs], dtype=torch.int64)
+    return Heap("shm", me, r, bufs[me], ptrs, (bufs,))
+
+
+def torch_symmetric_heap(group, nbytes: int, device: torch.device) -> Heap:
+    """A heap in PyTorch symmetric memory (CUDA/ROCm; collective over ``group``). Raises RuntimeError where
+    this torch has none (see :func:`availability`). Not exercised on the CPU."""
+    _check_nbytes(nbytes)
+    import torch.distributed as dist
+    from torch.distributed import _symmetric_memory as symm_mem
+
+    buf = symm_mem.empty(nbytes, dtype=torch.uint8, device=device)
+    group = group if group is not None else dist.group.WORLD
+    handle = symm_mem.rendezvous(buf, group)
+    buf.zero_()
+    ptrs = torch.tensor(list(handle.buffer_ptrs), dtype=torch.int64, device=device)
+    dist.barrier(group)  # every rank zeroed its flags before anyone pushes
+    return Heap("torch-symm-mem", int(handle.rank), int(handle.world_size), buf, ptrs, (handle,))
+
+
+def availability(device_type: str | None = None) -> tuple[str | None, str]:
+    """``(heap kind or None, why)``: which heap a ``transport="symmetric"`` Buffer would use here."""
+    if device_type is None:
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_type == "cpu":
+        if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
+            return "shm", "CPU: POSIX shared memory (/dev/shm) between the gloo ranks of a node"
+        return None, "CPU: /dev/shm is not writable"
+    try:
+        from torch.distributed import _symmetric_memory as symm_mem
+    except ImportError:
+        return None, f"torch {torch.__version__} has no torch.distributed._symmetric_memory"
+    if not (hasattr(symm_mem, "empty") and hasattr(symm_mem, "rendezvous")):
+        return None, f"torch {torch.__version__}: _symmetric_memory lacks empty/rendezvous"
+    return "torch-symm-mem", "GPU: PyTorch symmetric memory (empty + rendezvous) inside a node"

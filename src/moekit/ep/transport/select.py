@@ -1,0 +1,89 @@
+"""``Buffer(transport=...)``: which transport a Buffer uses, and why."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+from ...dist import NodeLayout
+from .. import heap as heapmod
+from .base import Transport
+from .collective import CollectiveTransport
+from .torch_dist import Comm
+
+TRANSPORTS = ("auto", "collective", "symmetric")
+
+
+def symmetric_available(device: torch.device, layout: NodeLayout, hierarchical: bool) -> tuple[bool, str]:
+    """Whether ``transport="symmetric"`` can run for this Buffer, and why (not)."""
+    kind, why = heapmod.availability(device.type)
+    if kind is None:
+        return False, why
+    if layout.num_nodes > 1 and not hierarchical:
+        return False, "the flat path spans several nodes (a heap lives inside one node): use the two-stage path"
+    return True, why
+
+
+def _check_agree(comm: Comm, heap_bytes: int, num_sms: int, device: torch.device) -> None:
+    # Sizes that lay out every heap must agree: the same ValueError on every rank, before anything is mapped.
+    msg = torch.tensor([[heap_bytes, num_sms]] * comm.size, dtype=torch.int64).to(device)
+    got = comm.exchange_fixed(msg).tolist()
+    for s, (b, k) in enumerate(got):
+        if (b, k) != tuple(got[0]):
+            raise ValueError(f"moekit.Buffer(transport='symmetric'): heap_bytes and num_sms must be the same on "
+                             f"every rank: rank 0 has ({got[0][0]}, {got[0][1]}), rank {s} has ({b}, {k})")
+
+
+def make_transport(kind: str, comm: Comm, layout: NodeLayout, node_groups=None, *, num_sms: int = 20,
+                   device: torch.device | None = None, heap_bytes: int | None = None,
+                   timeout: float | None = None) -> Transport:
+    """The Transport of a Buffer. ``kind``: one of :data:`TRANSPORTS` (see ``Buffer``'s docstring).
+
+    ``"auto"`` takes the symmetric transport on a GPU where PyTorch symmetric memory is available, the group
+    has several ranks and the path's symmetric stage lies inside one node; else the collective one. On the
+    CPU ``auto`` is always collective (the shared-memory heap runs the kernels in Triton's interpreter: for
+    tests, chosen explicitly). ``MOEKIT_TRANSPORT=collective`` makes ``auto`` collective everywhere,
+    ``MOEKIT_TRANSPORT=symmetric`` symmetric wherever a heap can serve (the CPU included).
+    Collective over the group (over each node for the heap) when the result is symmetric; a one-rank
+    group gets a heap of its own (no torch.distributed needed).
+    """
+    from .symmetric import DEFAULT_HEAP_BYTES, DEFAULT_TIMEOUT_S, SymmetricTransport
+
+    if kind not in TRANSPORTS:  # (an explicit "auto" is resolved below)
+        raise ValueError(f"transport must be one of {TRANSPORTS}, got {kind!r}")
+    device = torch.device("cpu") if device is None else device
+    hierarchical = node_groups is not None
+    ok, why = symmetric_available(device, layout, hierarchical)
+    if kind == "auto":
+        prefer = os.environ.get("MOEKIT_TRANSPORT", "")
+        if prefer == "collective" or not ok:
+            kind = "collective"
+        elif prefer != "symmetric" and (device.type == "cpu" or comm.size == 1 or not dist.is_initialized()):
+            kind = "collective"
+        else:
+            kind = "symmetric"
+    if kind in ("auto", "collective"):
+        return CollectiveTransport(comm, layout, node_groups)
+    if not ok:
+        raise ValueError(f"transport='symmetric' is not available here: {why}")
+    heap_bytes = DEFAULT_HEAP_BYTES if heap_bytes is None else heap_bytes
+    if isinstance(heap_bytes, bool) or not isinstance(heap_bytes, int) or heap_bytes < 4096:
+        raise ValueError(f"heap_bytes must be an int >= 4096 or None, got {heap_bytes!r}")
+    _check_agree(comm, heap_bytes, num_sms, device)
+    if comm.size == 1:
+        return SymmetricTransport(comm, layout, heapmod.virtual_heaps(1, heap_bytes, device)[0], num_sms=num_sms,
+                                  timeout=DEFAULT_TIMEOUT_S if timeout is None else float(timeout))
+    if hierarchical:
+        me = comm.rank
+        heap_comm = Comm(node_groups.intra, layout.ranks_per_node, layout.local_of(me), comm.timeout, comm.on_fail)
+    else:
+        heap_comm = comm
+    if device.type == "cpu":
+        heap = heapmod.shm_heap(heap_comm, heap_bytes)
+    else:
+        group = heap_comm.group
+        heap = heapmod.torch_symmetric_heap(group, heap_bytes, device)
+    return SymmetricTransport(comm, layout, heap, node_groups, num_sms=num_sms,
+                              timeout=DEFAULT_TIMEOUT_S if timeout is None else float(timeout))
