@@ -11,7 +11,8 @@ from moekit import MoEConfig
 from moekit.plan import ClusterSpec, ParallelPlan, load_cluster, plan
 from moekit.plan.cli import main
 
-V3 = dict(pp=16, ep=64, schedule="dualpipe", routing="node-limited:4", global_batch=15360, mtp_depth=1)
+V3 = dict(pp=16, ep=64, schedule="dualpipe", routing="node-limited:4", global_batch=15360, mtp_depth=1,
+          recompute="selective")
 
 
 @pytest.fixture(scope="module")
@@ -150,9 +151,12 @@ def test_cli(tmp_path, capsys):
 
 def test_memory_estimate(v3_20):
     # Fullest GPU (rank 0 holds stage 0 and the last stage with both heads): weights + grads in full,
-    # optimizer sharded over DP; EP64 fits in 80 GB, EP1 (all 256 experts per GPU) cannot.
+    # optimizer sharded over DP; with DeepSeek's recomputation EP64 fits in 80 GB, EP1 (all 256 experts
+    # per GPU) cannot, and neither does EP64 without recomputation (the activations of 17 micro-batches).
     s = v3_20.step
-    assert s.fits_memory
+    assert s.fits_memory and s.memory.inflight_microbatches == pytest.approx(17)
+    none = plan("deepseek-v3", "h800x2048", ParallelPlan(**{**V3, "recompute": "none", "comm_sms": 20}))
+    assert not none.step.fits_memory and none.step.memory.activations > s.memory.activations
     assert 6 * s.params_per_gpu / 1e9 < s.state_memory_gb < (6 + 8 / 2) * s.params_per_gpu / 1e9  # EDP = 2
     ep1 = plan("deepseek-v3", "h800x2048", ParallelPlan(**{**V3, "ep": 1, "comm_sms": 20}))
     assert not ep1.step.fits_memory and ep1.step.params_per_gpu > 10 * s.params_per_gpu / 2

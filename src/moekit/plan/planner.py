@@ -24,6 +24,17 @@ from .cost import (
     step_flops_per_token,
     transfer_time,
 )
+from .memory import (
+    FP8_BYTES,
+    STATE_BYTES_REPLICATED,
+    STATE_BYTES_SHARDED,
+    ActivationBytes,
+    MemoryReport,
+    StageMemory,
+    activation_bytes,
+    ep_buffer_bytes,
+    peak_activations,
+)
 from .routing import Routing, Spread, expected_spread, parse_routing
 from .schedules import Layout, bubble_formula, layout
 from .sim import SimResult, StageCosts, simulate, two_stream
@@ -78,8 +89,10 @@ class StepReport(NamedTuple):
     at HBM speed; step_time: their sum; comm_hidden: fraction of EP comm time under compute;
     compute_busy: fraction of the pipeline time the compute stream is busy; params_per_gpu: parameters
     on the fullest GPU; state_memory_gb: its weights (bf16) + gradients (fp32) + ZeRO-1 share of the
-    optimizer (fp32 master, bf16 moments), 1e9 bytes, activations not included; fits_memory: that
-    state fits in ``cluster.hbm_gb``.
+    optimizer (fp32 master, bf16 moments), 1e9 bytes; memory: the ``MemoryReport`` of the fullest GPU
+    (state + activations in flight + EP buffers); fits_memory: ``memory.fits``;
+    model_tflops_per_gpu: model FLOPs (``step_flops_per_token``, no recomputation) per second per GPU,
+    the figure Megatron-Core reports as "TFLOPS/GPU".
     """
 
     num_microbatches: int
@@ -100,6 +113,8 @@ class StepReport(NamedTuple):
     params_per_gpu: float
     state_memory_gb: float
     fits_memory: bool
+    model_tflops_per_gpu: float
+    memory: MemoryReport
 
 
 class PlanResult(NamedTuple):
@@ -121,13 +136,13 @@ class PlanResult(NamedTuple):
 
 def _moe_layer(cfg: MoEConfig, cluster: ClusterSpec, plan: ParallelPlan, spread: Spread | None, k: int) -> LayerTimes:
     return layer_times(cfg, cluster, tokens=plan.micro_batch * plan.seq_len, seq_len=plan.seq_len, dense=False,
-                       spread=spread, fp8_dispatch=plan.fp8_dispatch, gemm_dtype=plan.gemm_dtype, comm_sms=k)
+                       spread=spread, fp8_dispatch=plan.fp8_dispatch, gemm_dtype=plan.gemm_dtype, comm_sms=k,
+                       recompute=plan.recompute)
 
 
 def _pair(lt: LayerTimes) -> tuple[float, float]:
     """(compute, comm) seconds of one MoE layer's forward + full backward (an F&B pair)."""
-    comp = lt.attn_f + lt.mlp_f + lt.attn_bi + lt.mlp_bi + lt.attn_w + lt.mlp_w
-    return comp, lt.dispatch_f + lt.combine_f + lt.dispatch_b + lt.combine_b
+    return lt.pair()
 
 
 PAIR_LAYERS = 4  # MoE layers per chunk in DeepSeek's published F&B profile
@@ -165,9 +180,9 @@ def sm_sweep(cfg: MoEConfig, cluster: ClusterSpec, plan: ParallelPlan, spread: S
 def smallest_hiding_sms(cfg: MoEConfig, cluster: ClusterSpec, plan: ParallelPlan, spread: Spread | None,
                         threshold: float = HIDE_THRESHOLD) -> int | None:
     """The smallest SM count for which a simulated F&B pair hides ``threshold`` of its comm (None if none)."""
-    for pt in sm_sweep(cfg, cluster, plan, spread):
-        if pt.hidden >= threshold:
-            return pt.k
+    for k in range(1, cluster.sms):
+        if _sweep_point(cfg, cluster, plan, spread, k).hidden >= threshold:
+            return k
     return None
 
 
@@ -210,20 +225,27 @@ def _sums(costs: list[float], sizes: list[int]) -> list[float]:
     return out
 
 
-def plan(model: MoEConfig | str, cluster: ClusterSpec | str, parallel: ParallelPlan) -> PlanResult:
-    """Predict one training step of ``model`` on ``cluster`` laid out as ``parallel``.
+class LayerCosts(NamedTuple):
+    """Per-layer costs of one micro-batch, shared by every plan with the same layer-level choices."""
 
-    ``model``: a ``MoEConfig`` or a preset name; ``cluster``: a ``ClusterSpec``, a preset name or a
-    YAML/JSON path. Raises ``ValueError`` for plans that do not fit (EP not dividing the experts, odd
-    PP with DualPipe, more GPUs than the cluster, ...). Pure Python + numpy; 0.1-0.2 s for the
-    2048-GPU DeepSeek-V3 plan.
-    """
-    from .cluster import load_cluster
+    routing: Routing
+    spread: Spread | None
+    k: int  # comm SMs used
+    hide_k: int | None  # smallest k that hides the comm (None: none does / no comm)
+    needs_comm: bool
+    has_moe: bool
+    moe: LayerTimes
+    dense: LayerTimes
+    head: LayerTimes
 
-    cfg = MoEConfig.preset(model) if isinstance(model, str) else model
-    cl = load_cluster(cluster) if isinstance(cluster, str) else cluster
-    res = parallel.resolve(cl, cfg.n_routed_experts)
-    p, dp, n = parallel, res.dp, res.num_microbatches
+
+def layer_costs(cfg: MoEConfig, cl: ClusterSpec, p: ParallelPlan, cache: dict | None = None) -> LayerCosts:
+    """Routing -> spread -> comm SMs -> ``LayerTimes`` of a MoE layer, a dense layer and the head.
+    ``cache`` (a dict) memoises them across plans that share the layer-level choices (the search)."""
+    key = (p.ep, p.micro_batch, p.seq_len, p.routing, p.fp8_dispatch, p.gemm_dtype, p.comm_sms, p.recompute,
+           p.mtp_depth)
+    if cache is not None and key in cache:
+        return cache[key]
     routing = parse_routing(p.routing, cfg.max_nodes_per_token)
     has_moe = cfg.first_k_dense_replace < cfg.num_hidden_layers or p.mtp_depth > 0
     # Histograms also matter at EP = 1 (the imbalance factor); otherwise EP = 1 moves no bytes.
@@ -235,63 +257,182 @@ def plan(model: MoEConfig | str, cluster: ClusterSpec | str, parallel: ParallelP
         if spread is not None and p.ep > 1:
             spread = None  # no MoE layer: nothing to send
     else:
-        hide_k = smallest_hiding_sms(cfg, cl, p, spread)
+        hkey = ("hide",) + key[:6] + key[7:]
+        if cache is not None and hkey in cache:
+            hide_k = cache[hkey]
+        else:
+            hide_k = smallest_hiding_sms(cfg, cl, p, spread)
+            if cache is not None:
+                cache[hkey] = hide_k
         if p.comm_sms != "auto":
             k = p.comm_sms
         else:
             k = hide_k if hide_k is not None else min(sm_sweep(cfg, cl, p, spread), key=lambda t: t.pair_time).k
     tokens = p.micro_batch * p.seq_len
     moe = _moe_layer(cfg, cl, p, spread, k)
-    layer = _layer_report(cfg, cl, p, spread, moe, k, hide_k, needs_comm) if has_moe else None
-
-    # Items in model order: layers (+ MTP blocks), then the output head(s); cut into stages.
     dense = layer_times(cfg, cl, tokens=tokens, seq_len=p.seq_len, dense=True, spread=None,
-                        fp8_dispatch=p.fp8_dispatch, gemm_dtype=p.gemm_dtype, comm_sms=k)
-    items = [dense if i < cfg.first_k_dense_replace else moe for i in range(cfg.num_hidden_layers + p.mtp_depth)]
-    items += [head_times(cfg, cl, tokens=tokens, gemm_dtype=p.gemm_dtype, comm_sms=k)] * (1 + p.mtp_depth)
+                        fp8_dispatch=p.fp8_dispatch, gemm_dtype=p.gemm_dtype, comm_sms=k, recompute=p.recompute)
+    head = head_times(cfg, cl, tokens=tokens, gemm_dtype=p.gemm_dtype, comm_sms=k, recompute=p.recompute)
+    out = LayerCosts(routing, spread, k, hide_k, needs_comm, has_moe, moe, dense, head)
+    if cache is not None:
+        cache[key] = out
+    return out
+
+
+class Prepared(NamedTuple):
+    """Everything about a plan short of simulating its pipeline: layer costs, stages, memory, the
+    closed-form DP terms and a lower bound on the step (``search`` uses it to skip simulations)."""
+
+    cfg: MoEConfig
+    cluster: ClusterSpec
+    plan: ParallelPlan
+    dp: int
+    num_microbatches: int
+    lc: LayerCosts
+    sizes: list[int]
+    costs: StageCosts
+    memory: MemoryReport
+    params_per_gpu: float
+    state_bytes: float
+    dp_sync: float
+    optimizer: float
+    p2p: float
+    step_lower_bound: float
+
+
+def _item_kinds(cfg: MoEConfig, mtp_depth: int) -> list[str]:
+    n_layers = cfg.num_hidden_layers + mtp_depth
+    return ["dense" if i < cfg.first_k_dense_replace else "moe" for i in range(n_layers)] + ["head"] * (1 + mtp_depth)
+
+
+def prepare(model: MoEConfig | str, cluster: ClusterSpec | str, parallel: ParallelPlan,
+            cache: dict | None = None) -> Prepared:
+    """Check ``parallel`` and compute all but the pipeline simulation (see ``plan``)."""
+    from .cluster import load_cluster
+
+    cfg = MoEConfig.preset(model) if isinstance(model, str) else model
+    cl = load_cluster(cluster) if isinstance(cluster, str) else cluster
+    res = parallel.resolve(cl, cfg.n_routed_experts)
+    p, dp, n = parallel, res.dp, res.num_microbatches
+    if cfg.num_hidden_layers + p.mtp_depth > 100_000:
+        raise ValueError(f"num_hidden_layers ({cfg.num_hidden_layers}) is over 100,000: refusing to plan it")
+    lc = layer_costs(cfg, cl, p, cache)
+    tokens = p.micro_batch * p.seq_len
+    kinds = _item_kinds(cfg, p.mtp_depth)
+    by_kind = {"dense": lc.dense, "moe": lc.moe, "head": lc.head}
+    items = [by_kind[x] for x in kinds]
     lay = layout(p.schedule, p.pp)
-    # Balance stages on what a layer costs in this schedule: DualPipe(V) hides EP comm under the paired
-    # chunk's compute, 1F1B runs it in series.
-    if p.schedule == "1f1b":
-        weights = [sum(x.seconds for x in lt.forward() + lt.backward(True)) for lt in items]
+    # Balance stages on what a layer costs in this schedule: the overlapped schedules hide EP comm under
+    # the paired chunk's compute, 1F1B and interleaved 1F1B run it in series.
+    if p.schedule in ("1f1b", "interleaved"):
+        w_of = {x: sum(q.seconds for q in lt.forward() + lt.backward(True)) for x, lt in by_kind.items()}
     else:
-        weights = [max(_pair(lt)) for lt in items]
-    sizes = _partition(weights, lay.num_stages)
+        w_of = {x: max(lt.pair()) for x, lt in by_kind.items()}
+    sizes = _partition([w_of[x] for x in kinds], lay.num_stages)
     bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
     costs = StageCosts([items[a:b] for a, b in zip(bounds, bounds[1:])])
     # Consecutive stages sit on different nodes: activations [T, H] in bf16 over the inter-node link.
     p2p = cl.p2p_latency_us * 1e-6 + tokens * cfg.hidden_size * 2 / (cl.internode_gbps * cl.internode_efficiency * 1e9)
-    sim = simulate(p.schedule, p.pp, n, costs, p2p=p2p)
 
-    # The formula's bubble with stage-average costs.
-    ns = lay.num_stages
-    avg = [sum(costs.op(kind, s, split, s).duration for s in range(ns)) / ns
-           for kind, split in (("F", False), ("B", True), ("W", False), ("FB", False))]
-    formula = bubble_formula(p.schedule, p.pp, *avg)
-
-    dense_p, expert_p = _params_per_gpu(cfg, p, lay, bounds)
+    # Memory: model state per rank (ZeRO-1) + activations in flight + EP buffers.
+    imb = lc.spread.imbalance if lc.spread is not None else 1.0
+    act = {x: activation_bytes(cfg, dense=x == "dense", gemm_dtype=p.gemm_dtype, recompute=p.recompute,
+                               imbalance=imb) for x in ("dense", "moe")}
+    c = FP8_BYTES if p.gemm_dtype == "fp8" else 2.0
+    head_act = ActivationBytes(2.0 * cfg.vocab_size, c * cfg.hidden_size)  # bf16 logits, cached head input
+    if p.recompute == "full":
+        head_act = ActivationBytes(2.0 * cfg.hidden_size, 0.0, head_act.total)
+    stage_mem = []
+    for a, b in zip(bounds, bounds[1:]):
+        parts = [head_act if kinds[j] == "head" else act[kinds[j]] for j in range(a, b)]
+        stage_mem.append(StageMemory(tokens * sum(x.bf16 for x in parts), tokens * sum(x.cache for x in parts),
+                                     tokens * max(x.working for x in parts)))
+    peaks = peak_activations(p.schedule, p.pp, n, stage_mem)
+    dense_r, expert_r = _params_per_rank(cfg, p, lay, bounds, kinds)
     edp = dp // p.ep
+    ep_buf = ep_buffer_bytes(cfg, tokens, lc.spread.ranks, p.fp8_dispatch, p.schedule in ("dualpipe", "dualpipev")) \
+        if lc.needs_comm else 0.0
+    per_rank = []
+    for r in range(p.pp):
+        params = dense_r[r] + expert_r[r]
+        opt = STATE_BYTES_SHARDED * (dense_r[r] / dp + expert_r[r] / edp)
+        per_rank.append((STATE_BYTES_REPLICATED * params + opt + peaks[r].total + ep_buf, r, opt))
+    total, rk, opt = max(per_rank)
+    params = dense_r[rk] + expert_r[rk]
+    big = max(stage_mem[st].bf16 + stage_mem[st].cache for (r, _c), (_d, st) in lay.stage_of.items() if r == rk)
+    memory = MemoryReport(weights=2.0 * params, grads=4.0 * params, optimizer=opt, activations=peaks[rk].total,
+                          activations_cache=peaks[rk].cache, ep_buffers=ep_buf, total=total,
+                          capacity=cl.hbm_gb * 1e9, fits=total <= cl.hbm_gb * 1e9,
+                          inflight_microbatches=peaks[rk].total / big if big > 0 else 0.0)
+
+    dense_p, expert_p = max(dense_r), max(expert_r)
     # ZeRO-1: reduce-scatter gradients + all-gather parameters, bf16, ring over DP (inter-node), not overlapped.
     link = cl.internode_gbps * cl.internode_efficiency * 1e9 if cl.num_nodes > 1 else \
         cl.nvlink_gbps * cl.nvlink_efficiency * 1e9
     dp_sync = 2 * 2 * (dense_p * (dp - 1) / dp + expert_p * (edp - 1) / edp) / link
     # AdamW on this rank's optimizer shard: ~28 bytes read+written per parameter at HBM speed.
     optimizer = 28 * (dense_p / dp + expert_p / edp) / (cl.hbm_tbps * cl.hbm_efficiency * 1e12)
-    # bf16 weights + fp32 gradients on every rank; fp32 master + two bf16 moments sharded (ZeRO-1).
-    memory = (2 + 4) * (dense_p + expert_p) + (4 + 2 + 2) * (dense_p / dp + expert_p / edp)
-    step_time = sim.step_time + dp_sync + optimizer
+    lb = _pipeline_lower_bound(p, n, lay, costs) + dp_sync + optimizer
+    state = STATE_BYTES_REPLICATED * (dense_p + expert_p) + STATE_BYTES_SHARDED * (dense_p / dp + expert_p / edp)
+    return Prepared(cfg, cl, p, dp, n, lc, sizes, costs, memory, dense_p + expert_p, state, dp_sync, optimizer,
+                    p2p, lb)
 
+
+def _pipeline_lower_bound(p: ParallelPlan, n: int, lay: Layout, costs: StageCosts) -> float:
+    """No rank finishes before its own compute is done (every op lasts at least its compute; single-chain
+    ops of the non-overlapped schedules last their compute + comm), nor before one micro-batch has gone
+    forward and back through every stage."""
+    per_dir = n // lay.num_directions
+    serial = p.schedule in ("1f1b", "interleaved")
+
+    def work(st: int) -> float:
+        f, b = costs.op("F", st, False, None), costs.op("B", st, False, None)
+        return f.duration + b.duration if serial else f.compute + b.compute
+
+    busiest = max(sum(work(st) for (rr, _c), (_d, st) in lay.stage_of.items() if rr == r) * per_dir
+                  for r in range(p.pp))
+    path = sum(costs.op("F", st, False, None).duration + costs.op("B", st, False, None).duration
+               for st in range(lay.num_stages))
+    return max(busiest, path)
+
+
+def plan(model: MoEConfig | str, cluster: ClusterSpec | str, parallel: ParallelPlan,
+         cache: dict | None = None) -> PlanResult:
+    """Predict one training step of ``model`` on ``cluster`` laid out as ``parallel``.
+
+    ``model``: a ``MoEConfig`` or a preset name; ``cluster``: a ``ClusterSpec``, a preset name or a
+    YAML/JSON path. Raises ``ValueError`` for plans that cannot run (EP not dividing the experts, odd
+    PP with DualPipe, more GPUs than the cluster, sizes over the ceilings of ``plan/cluster.py``, ...);
+    a plan that runs but does not fit in HBM is returned with ``step.fits_memory`` False. Pure Python
+    + numpy; 0.1-0.2 s for the 2048-GPU DeepSeek-V3 plan.
+    """
+    return finish(prepare(model, cluster, parallel, cache))
+
+
+def finish(pr: Prepared) -> PlanResult:
+    """Simulate a ``Prepared`` plan's pipeline and assemble the ``PlanResult``."""
+    cfg, cl, p, dp, n, lc, costs = pr.cfg, pr.cluster, pr.plan, pr.dp, pr.num_microbatches, pr.lc, pr.costs
+    tokens = p.micro_batch * p.seq_len
+    layer = _layer_report(cfg, cl, p, lc.spread, lc.moe, lc.k, lc.hide_k, lc.needs_comm) if lc.has_moe else None
+    sim = simulate(p.schedule, p.pp, n, costs, p2p=pr.p2p)
+    lay = layout(p.schedule, p.pp)
+    ns = lay.num_stages
+    avg = [sum(costs.op(kind, s, split, s).duration for s in range(ns)) / ns
+           for kind, split in (("F", False), ("B", True), ("W", False), ("FB", False))]
+    formula = bubble_formula(p.schedule, p.pp, *avg)
+    step_time = sim.step_time + pr.dp_sync + pr.optimizer
     gpus = p.pp * dp
     tokens_step = dp * n * tokens
     tps = tokens_step / step_time / gpus
     flops = step_flops_per_token(cfg, p.seq_len, p.mtp_depth) * tokens_step
     peak = (cl.fp8_tflops if p.gemm_dtype == "fp8" else cl.bf16_tflops) * 1e12
     busiest = max(range(p.pp), key=lambda r: sim.busy[r])
-    step = StepReport(n, tokens_step, sim.step_time, max(sim.bubble), sim.bubble[busiest], formula, dp_sync,
-                      optimizer, step_time, sim.hidden_fraction, sim.compute_fraction,
+    step = StepReport(n, tokens_step, sim.step_time, max(sim.bubble), sim.bubble[busiest], formula, pr.dp_sync,
+                      pr.optimizer, step_time, sim.hidden_fraction, sim.compute_fraction,
                       flops / (step_time * gpus * peak), flops / (step_time * gpus * cl.bf16_tflops * 1e12),
-                      tps, 1e12 / tps / 3600, dense_p + expert_p, memory / 1e9, memory / 1e9 <= cl.hbm_gb)
-    return PlanResult(cfg, cl, p, dp, routing, spread, layer, step, sizes, sim)
+                      tps, 1e12 / tps / 3600, pr.params_per_gpu, pr.state_bytes / 1e9, pr.memory.fits,
+                      flops / step_time / gpus / 1e12, pr.memory)
+    return PlanResult(cfg, cl, p, dp, lc.routing, lc.spread, layer, step, pr.sizes, sim)
 
 
 def _layer_report(cfg: MoEConfig, cl: ClusterSpec, p: ParallelPlan, spread: Spread | None, moe: LayerTimes, k: int,
@@ -314,26 +455,30 @@ def _layer_report(cfg: MoEConfig, cl: ClusterSpec, p: ParallelPlan, spread: Spre
                        pt.hidden >= HIDE_THRESHOLD, hide_k, pt.hidden, pt.busy)
 
 
-def _params_per_gpu(cfg: MoEConfig, p: ParallelPlan, lay: Layout, bounds: list[int]) -> tuple[float, float]:
-    """(non-expert, expert) parameters on the fullest rank: the stages it holds (two for DualPipe(V))."""
-    n_layers = cfg.num_hidden_layers + p.mtp_depth
+def _params_per_rank(cfg: MoEConfig, p: ParallelPlan, lay: Layout, bounds: list[int],
+                     kinds: list[str]) -> tuple[list[float], list[float]]:
+    """(non-expert, expert-on-this-GPU) parameters of each pipeline rank: the stages it holds (two for
+    DualPipe(V) and interleaved). The embedding sits in the first stage; the MTP heads share the main
+    output head (DeepSeek-V3 sec. 2.2), so only the first head item carries parameters."""
     dense_s, expert_s = [], []
+    first_head = kinds.index("head")
     for a, b in zip(bounds, bounds[1:]):
         d = e = 0.0
         for j in range(a, b):
-            if j < n_layers:
-                x, y = layer_params(cfg, dense=j < cfg.first_k_dense_replace)
-                d, e = d + x, e + y
+            if kinds[j] == "head":
+                d += cfg.hidden_size * cfg.vocab_size if j == first_head else 0.0
             else:
-                d += cfg.hidden_size * cfg.vocab_size  # an output head
+                x, y = layer_params(cfg, dense=kinds[j] == "dense")
+                d, e = d + x, e + y
+        if a == 0:
+            d += cfg.hidden_size * cfg.vocab_size  # embedding
         dense_s.append(d)
         expert_s.append(e)
-    held: dict[int, list[int]] = {}
+    dense_r, expert_r = [0.0] * p.pp, [0.0] * p.pp
     for (r, _c), (_d, st) in lay.stage_of.items():
-        held.setdefault(r, []).append(st)
-    dense_p = max(sum(dense_s[st] for st in sts) for sts in held.values())
-    expert_p = max(sum(expert_s[st] for st in sts) for sts in held.values()) / p.ep
-    return dense_p, expert_p
+        dense_r[r] += dense_s[st]
+        expert_r[r] += expert_s[st] / p.ep
+    return dense_r, expert_r
 
 
 def ep_sweep(model: MoEConfig | str, cluster: ClusterSpec | str, parallel: ParallelPlan,

@@ -166,8 +166,9 @@ def simulate(schedule: str, num_ranks: int, num_microbatches: int, costs: CostMo
     b_end: dict[tuple[int, int, int], float] = {}
     ptr = [0] * num_ranks
     t_free = [0.0] * num_ranks
-    n_f = [[0, 0] for _ in range(num_ranks)]
-    n_b = [[0, 0] for _ in range(num_ranks)]
+    chunks = 1 + max(c for _, c in lay.stage_of)
+    n_f = [[0] * chunks for _ in range(num_ranks)]
+    n_b = [[0] * chunks for _ in range(num_ranks)]
     wq: list[deque] = [deque() for _ in range(num_ranks)]
     busy, comp, comm, hidden = ([0.0] * num_ranks for _ in range(4))
     records: list[PhaseRecord] = []
