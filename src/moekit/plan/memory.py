@@ -111,11 +111,6 @@ class StageMemory(NamedTuple):
     working: float
 
 
-@lru_cache(maxsize=256)
-def _orders(schedule: str, pp: int, n: int):
-    return rank_orders(schedule, pp, n)
-
-
 class Peak(NamedTuple):
     """A rank's peak activation bytes and the cached-GEMM-input part of it at that moment."""
 
@@ -123,9 +118,39 @@ class Peak(NamedTuple):
     cache: float
 
 
-def _higher(peak: Peak, held: float, cache: float, extra: float) -> Peak:
-    t = held + cache + extra
-    return Peak(t, cache) if t > peak.total else peak
+@lru_cache(maxsize=512)
+def inflight_states(schedule: str, pp: int, n: int) -> tuple[tuple[tuple[tuple[int, ...], tuple[int, ...], bool], ...],
+                                                               ...]:
+    """For each rank, the candidate peak moments of the in-flight walk as ``(bf16 counts per chunk,
+    cache counts per chunk, working set live)``, dominated moments removed. The peak bytes of any stage
+    sizes is then the largest of a few dot products (``peak_activations``), so the walk over the op
+    order runs once per (schedule, pp, n), not once per plan."""
+    lay = layout(schedule, pp)
+    chunks = 1 + max(c for _, c in lay.stage_of)
+    out = []
+    for order in rank_orders(schedule, pp, n):
+        hb, hc = [0] * chunks, [0] * chunks
+        states = set()
+        wq: list[int] = []
+        for op in order:
+            if op.kind in ("F", "FB"):
+                hb[op.chunk] += 1
+                hc[op.chunk] += 1
+                states.add((tuple(hb), tuple(hc), op.kind == "FB"))
+            if op.kind in ("B", "FB"):
+                cb = op.chunk if op.kind == "B" else op.chunk_b
+                states.add((tuple(hb), tuple(hc), True))
+                hb[cb] -= 1
+                if op.kind == "B" and op.split:
+                    wq.append(cb)
+                else:
+                    hc[cb] -= 1
+            if op.kind == "W":
+                hc[wq.pop(0)] -= 1
+        keep = [s for s in states if not any(t != s and all(x <= y for x, y in zip(s[0] + s[1], t[0] + t[1]))
+                                             and s[2] <= t[2] for t in states)]
+        out.append(tuple(sorted(keep)))
+    return tuple(out)
 
 
 def peak_activations(schedule: str, pp: int, n: int, stages: list[StageMemory]) -> list[Peak]:
@@ -136,31 +161,17 @@ def peak_activations(schedule: str, pp: int, n: int, stages: list[StageMemory]) 
     if len(stages) != lay.num_stages:
         raise ValueError(f"need {lay.num_stages} stages for {schedule} on pp={pp}, got {len(stages)}")
     peaks = []
-    for r, order in enumerate(_orders(schedule, pp, n)):
-        held = cache_held = 0.0
-        peak = Peak(0.0, 0.0)
-
-        working = max(stages[lay.stage_of[(r, c)][1]].working for c in
-                      {c for (rr, c) in lay.stage_of if rr == r})
-        wq: list[float] = []
-        for op in order:
-            if op.kind in ("F", "FB"):
-                st = stages[lay.stage_of[(r, op.chunk)][1]]
-                held += st.bf16
-                cache_held += st.cache
-                peak = _higher(peak, held, cache_held, working if op.kind == "FB" else 0.0)
-            if op.kind in ("B", "FB"):
-                cb = op.chunk if op.kind == "B" else op.chunk_b
-                st = stages[lay.stage_of[(r, cb)][1]]
-                peak = _higher(peak, held, cache_held, working)
-                held -= st.bf16
-                if op.kind == "B" and op.split:
-                    wq.append(st.cache)
-                else:
-                    cache_held -= st.cache
-            if op.kind == "W":
-                cache_held -= wq.pop(0)
-        peaks.append(peak)
+    for r, states in enumerate(inflight_states(schedule, pp, n)):
+        chunks = sorted(c for (rr, c) in lay.stage_of if rr == r)
+        st = [stages[lay.stage_of[(r, c)][1]] for c in chunks]
+        working = max(x.working for x in st)
+        best = Peak(0.0, 0.0)
+        for hb, hc, w in states:
+            cache = sum(k * x.cache for k, x in zip(hc, st))
+            total = sum(k * x.bf16 for k, x in zip(hb, st)) + cache + (working if w else 0.0)
+            if total > best.total:
+                best = Peak(total, cache)
+        peaks.append(best)
     return peaks
 
 

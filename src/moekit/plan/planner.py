@@ -8,6 +8,9 @@ gradient sync and optimizer -> step time, MFU, tokens/s/GPU, GPU-hours per trill
 
 from __future__ import annotations
 
+import math
+from collections import Counter
+from functools import lru_cache
 from typing import NamedTuple
 
 from ..config import MoEConfig
@@ -36,7 +39,7 @@ from .memory import (
     peak_activations,
 )
 from .routing import Routing, Spread, expected_spread, parse_routing
-from .schedules import Layout, bubble_formula, layout
+from .schedules import Layout, bubble_formula, layout, rank_orders
 from .sim import SimResult, StageCosts, simulate, two_stream
 
 
@@ -186,6 +189,18 @@ def smallest_hiding_sms(cfg: MoEConfig, cluster: ClusterSpec, plan: ParallelPlan
     return None
 
 
+def link_bound_sms(cfg: MoEConfig, cluster: ClusterSpec, plan: ParallelPlan, spread: Spread) -> int:
+    """The smallest comm SM count at which dispatch and combine run at link speed: more SMs cannot make a
+    transfer faster, they only take SMs from compute (what a schedule that does not overlap wants)."""
+    cb = comm_bytes(cfg, plan.micro_batch * plan.seq_len, spread, plan.fp8_dispatch)
+    need = 1
+    for intra, inter in ((cb.dispatch_intra, cb.dispatch_inter), (cb.combine_intra, cb.combine_inter)):
+        link = transfer_time(intra, inter, cluster, 1).link
+        if link > 0:
+            need = max(need, math.ceil((intra + inter) / (link * cluster.comm_gbps_per_sm * 1e9) - 1e-9))
+    return min(need, cluster.sms - 1)
+
+
 def _partition(costs: list[float], parts: int) -> list[int]:
     """Sizes of ``parts`` contiguous, non-empty groups of ``costs`` minimising the largest group sum."""
     if parts > len(costs):
@@ -215,6 +230,11 @@ def _partition(costs: list[float], parts: int) -> list[int]:
         i = max(range(len(out)), key=lambda j: out[j])
         out[i:i + 1] = [out[i] // 2, out[i] - out[i] // 2]
     return out
+
+
+@lru_cache(maxsize=4096)
+def _partition_cached(costs: tuple[float, ...], parts: int) -> tuple[int, ...]:
+    return tuple(_partition(list(costs), parts))
 
 
 def _sums(costs: list[float], sizes: list[int]) -> list[float]:
@@ -257,13 +277,7 @@ def layer_costs(cfg: MoEConfig, cl: ClusterSpec, p: ParallelPlan, cache: dict | 
         if spread is not None and p.ep > 1:
             spread = None  # no MoE layer: nothing to send
     else:
-        hkey = ("hide",) + key[:6] + key[7:]
-        if cache is not None and hkey in cache:
-            hide_k = cache[hkey]
-        else:
-            hide_k = smallest_hiding_sms(cfg, cl, p, spread)
-            if cache is not None:
-                cache[hkey] = hide_k
+        hide_k = _hide_k(cfg, cl, p, spread, key, cache) if p.comm_sms == "auto" else None
         if p.comm_sms != "auto":
             k = p.comm_sms
         else:
@@ -277,6 +291,17 @@ def layer_costs(cfg: MoEConfig, cl: ClusterSpec, p: ParallelPlan, cache: dict | 
     if cache is not None:
         cache[key] = out
     return out
+
+
+def _hide_k(cfg: MoEConfig, cl: ClusterSpec, p: ParallelPlan, spread: Spread | None, key: tuple,
+            cache: dict | None) -> int | None:
+    hkey = ("hide",) + key[:6] + key[7:]
+    if cache is not None and hkey in cache:
+        return cache[hkey]
+    k = smallest_hiding_sms(cfg, cl, p, spread)
+    if cache is not None:
+        cache[hkey] = k
+    return k
 
 
 class Prepared(NamedTuple):
@@ -328,7 +353,7 @@ def prepare(model: MoEConfig | str, cluster: ClusterSpec | str, parallel: Parall
         w_of = {x: sum(q.seconds for q in lt.forward() + lt.backward(True)) for x, lt in by_kind.items()}
     else:
         w_of = {x: max(lt.pair()) for x, lt in by_kind.items()}
-    sizes = _partition([w_of[x] for x in kinds], lay.num_stages)
+    sizes = list(_partition_cached(tuple(w_of[x] for x in kinds), lay.num_stages))
     bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
     costs = StageCosts([items[a:b] for a, b in zip(bounds, bounds[1:])])
     # Consecutive stages sit on different nodes: activations [T, H] in bf16 over the inter-node link.
@@ -372,28 +397,71 @@ def prepare(model: MoEConfig | str, cluster: ClusterSpec | str, parallel: Parall
     dp_sync = 2 * 2 * (dense_p * (dp - 1) / dp + expert_p * (edp - 1) / edp) / link
     # AdamW on this rank's optimizer shard: ~28 bytes read+written per parameter at HBM speed.
     optimizer = 28 * (dense_p / dp + expert_p / edp) / (cl.hbm_tbps * cl.hbm_efficiency * 1e12)
-    lb = _pipeline_lower_bound(p, n, lay, costs) + dp_sync + optimizer
+    lb = _pipeline_lower_bound(p, n, lay, costs, p2p) + dp_sync + optimizer
     state = STATE_BYTES_REPLICATED * (dense_p + expert_p) + STATE_BYTES_SHARDED * (dense_p / dp + expert_p / edp)
     return Prepared(cfg, cl, p, dp, n, lc, sizes, costs, memory, dense_p + expert_p, state, dp_sync, optimizer,
                     p2p, lb)
 
 
-def _pipeline_lower_bound(p: ParallelPlan, n: int, lay: Layout, costs: StageCosts) -> float:
-    """No rank finishes before its own compute is done (every op lasts at least its compute; single-chain
-    ops of the non-overlapped schedules last their compute + comm), nor before one micro-batch has gone
-    forward and back through every stage."""
-    per_dir = n // lay.num_directions
-    serial = p.schedule in ("1f1b", "interleaved")
+@lru_cache(maxsize=512)
+def _op_counts(schedule: str, pp: int, n: int) -> tuple[tuple[tuple[tuple, int], ...], ...]:
+    """Per rank: how many times each distinct op (kind, chunk, split, chunk_b) occurs."""
+    out = []
+    for order in rank_orders(schedule, pp, n):
+        c = Counter((op.kind, op.chunk, op.split, op.chunk_b) for op in order)
+        out.append(tuple(sorted(c.items(), key=repr)))
+    return tuple(out)
 
-    def work(st: int) -> float:
-        f, b = costs.op("F", st, False, None), costs.op("B", st, False, None)
-        return f.duration + b.duration if serial else f.compute + b.compute
 
-    busiest = max(sum(work(st) for (rr, _c), (_d, st) in lay.stage_of.items() if rr == r) * per_dir
-                  for r in range(p.pp))
-    path = sum(costs.op("F", st, False, None).duration + costs.op("B", st, False, None).duration
-               for st in range(lay.num_stages))
-    return max(busiest, path)
+def _pipeline_lower_bound(p: ParallelPlan, n: int, lay: Layout, costs: StageCosts, p2p: float) -> float:
+    """A lower bound on the simulated pipeline time, for the search. Op durations do not depend on when
+    an op starts, so a rank's busy time is exact; it cannot start before the first micro-batch's
+    forward reaches its first stage (``head``); after its last backward, that micro-batch's backward
+    still has to pass every earlier stage of its direction (``tail``), while the rank itself only has
+    the weight-gradient ops left that follow that backward."""
+    best = 0.0
+    for r, (counts, ends) in enumerate(zip(_op_counts(p.schedule, p.pp, n), _ends(p.schedule, p.pp, n))):
+        busy = 0.0
+        for (kind, chunk, split, chunk_b), k in counts:
+            s = lay.stage_of[(r, chunk)][1]
+            sb = lay.stage_of[(r, chunk_b)][1] if chunk_b is not None else None
+            busy += k * costs.op(kind, s, split, sb).duration
+        s0 = lay.stage_of[(r, ends.first_chunk)][1]
+        head = sum(costs.op("F", s, False, None).duration for s in range(s0)) + (p2p if s0 else 0.0)
+        bound = head + busy
+        if ends.last_b_chunk is not None:
+            sl = lay.stage_of[(r, ends.last_b_chunk)][1]
+            # The earlier stages' backwards of that micro-batch: at least their input-gradient part (the
+            # whole backward where the schedule never splits it).
+            split = p.schedule in ("dualpipe", "dualpipev")
+            tail = sum(costs.op("B", s, split, None).duration for s in range(sl)) + (p2p if sl else 0.0)
+            w_after = sum(k * costs.op("W", lay.stage_of[(r, c)][1], False, None).duration for c, k in ends.w_after)
+            bound = max(bound, head + busy - w_after + tail)
+        best = max(best, bound)
+    return best
+
+
+class _Ends(NamedTuple):
+    first_chunk: int  # chunk of the rank's first op (a forward)
+    last_b_chunk: int | None  # backward chunk of its last B / FB op
+    w_after: tuple[tuple[int, int], ...]  # (chunk, count) of the W ops after that last backward
+
+
+@lru_cache(maxsize=512)
+def _ends(schedule: str, pp: int, n: int) -> tuple[_Ends, ...]:
+    out = []
+    for order in rank_orders(schedule, pp, n):
+        queue: list[int] = []
+        last_b, w_after = None, Counter()
+        for op in order:
+            if op.kind in ("B", "FB"):
+                last_b, w_after = (op.chunk if op.kind == "B" else op.chunk_b), Counter()
+                if op.kind == "B" and op.split:
+                    queue.append(op.chunk)
+            elif op.kind == "W":
+                w_after[queue.pop(0)] += 1
+        out.append(_Ends(order[0].chunk, last_b, tuple(sorted(w_after.items()))))
+    return tuple(out)
 
 
 def plan(model: MoEConfig | str, cluster: ClusterSpec | str, parallel: ParallelPlan,
@@ -406,15 +474,24 @@ def plan(model: MoEConfig | str, cluster: ClusterSpec | str, parallel: ParallelP
     a plan that runs but does not fit in HBM is returned with ``step.fits_memory`` False. Pure Python
     + numpy; 0.1-0.2 s for the 2048-GPU DeepSeek-V3 plan.
     """
-    return finish(prepare(model, cluster, parallel, cache))
+    return finish(prepare(model, cluster, parallel, cache), cache)
 
 
-def finish(pr: Prepared) -> PlanResult:
-    """Simulate a ``Prepared`` plan's pipeline and assemble the ``PlanResult``."""
+def finish(pr: Prepared, cache: dict | None = None, give_up_after: float | None = None) -> PlanResult | None:
+    """Simulate a ``Prepared`` plan's pipeline and assemble the ``PlanResult``; None when
+    ``give_up_after`` (seconds of step) is given and the step is certainly longer."""
     cfg, cl, p, dp, n, lc, costs = pr.cfg, pr.cluster, pr.plan, pr.dp, pr.num_microbatches, pr.lc, pr.costs
     tokens = p.micro_batch * p.seq_len
-    layer = _layer_report(cfg, cl, p, lc.spread, lc.moe, lc.k, lc.hide_k, lc.needs_comm) if lc.has_moe else None
-    sim = simulate(p.schedule, p.pp, n, costs, p2p=pr.p2p)
+    hide_k = lc.hide_k
+    if hide_k is None and lc.needs_comm and p.comm_sms != "auto":
+        key = (p.ep, p.micro_batch, p.seq_len, p.routing, p.fp8_dispatch, p.gemm_dtype, p.comm_sms, p.recompute,
+               p.mtp_depth)
+        hide_k = _hide_k(cfg, cl, p, lc.spread, key, cache)
+    layer = _layer_report(cfg, cl, p, lc.spread, lc.moe, lc.k, hide_k, lc.needs_comm) if lc.has_moe else None
+    limit = None if give_up_after is None else give_up_after - pr.dp_sync - pr.optimizer
+    sim = simulate(p.schedule, p.pp, n, costs, p2p=pr.p2p, comm_records=cache is None, give_up_after=limit)
+    if sim is None:
+        return None
     lay = layout(p.schedule, p.pp)
     ns = lay.num_stages
     avg = [sum(costs.op(kind, s, split, s).duration for s in range(ns)) / ns

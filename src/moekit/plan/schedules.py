@@ -28,6 +28,7 @@ regime the formulas are approximations (e.g. they go negative for large W).
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import NamedTuple
 
 SCHEDULES = ("1f1b", "interleaved", "dualpipe", "dualpipev")
@@ -112,6 +113,12 @@ def layout(schedule: str, num_ranks: int) -> Layout:
 
 
 def rank_orders(schedule: str, num_ranks: int, num_microbatches: int) -> list[list[Op]]:
+    """Per-rank op orders (see ``_rank_orders``); cached, so callers must not modify them."""
+    return _rank_orders(schedule, num_ranks, num_microbatches)
+
+
+@lru_cache(maxsize=64)
+def _rank_orders(schedule: str, num_ranks: int, num_microbatches: int) -> list[list[Op]]:
     """Per-rank op orders. ``num_microbatches`` counts all micro-batches of one pipeline (both directions).
 
     These are exactly the programs that ``moekit.pipeline`` runs (``moekit.pipeline.schedules.program``),

@@ -109,22 +109,30 @@ class StageCosts:
         self.stages = [tuple(s) for s in stages]
         self.op = lru_cache(maxsize=None)(self._op)  # type: ignore[method-assign]
 
-    def _fwd(self, s: int) -> list[Piece]:
-        return [p for lt in self.stages[s] for p in lt.forward()]
-
-    def _bwd(self, s: int, with_w: bool) -> list[Piece]:
-        return [p for lt in reversed(self.stages[s]) for p in lt.backward(with_w)]
-
     def _op(self, kind: str, stage: int, split: bool, stage_b: int | None) -> OpTiming:
-        if kind == "F":
-            return two_stream([self._fwd(stage)])
-        if kind == "B":
-            return two_stream([self._bwd(stage, not split)])
-        if kind == "W":
-            t = sum(lt.weight() for lt in self.stages[stage])
-            return OpTiming(t, t, 0.0, 0.0)
-        assert kind == "FB"
-        return two_stream([self._fwd(stage), self._bwd(stage_b, True)])
+        return _stage_op(kind, self.stages[stage], split, self.stages[stage_b] if stage_b is not None else None)
+
+
+@lru_cache(maxsize=65536)
+def _stage_op(kind: str, stage: tuple[LayerTimes, ...], split: bool,
+              stage_b: tuple[LayerTimes, ...] | None) -> OpTiming:
+    """One op's timing from the layers of its stage(s); shared by every plan whose stages hold the same
+    layers (the search builds many)."""
+    def fwd(st: tuple[LayerTimes, ...]) -> list[Piece]:
+        return [p for lt in st for p in lt.forward()]
+
+    def bwd(st: tuple[LayerTimes, ...], with_w: bool) -> list[Piece]:
+        return [p for lt in reversed(st) for p in lt.backward(with_w)]
+
+    if kind == "F":
+        return two_stream([fwd(stage)])
+    if kind == "B":
+        return two_stream([bwd(stage, not split)])
+    if kind == "W":
+        t = sum(lt.weight() for lt in stage)
+        return OpTiming(t, t, 0.0, 0.0)
+    assert kind == "FB"
+    return two_stream([fwd(stage), bwd(stage_b, True)])
 
 
 class SimResult(NamedTuple):
@@ -150,13 +158,15 @@ class SimResult(NamedTuple):
 
 
 def simulate(schedule: str, num_ranks: int, num_microbatches: int, costs: CostModel, *,
-             p2p: float = 0.0, comm_records: bool = True) -> SimResult:
+             p2p: float = 0.0, comm_records: bool = True, give_up_after: float | None = None) -> SimResult | None:
     """Simulate one step of ``schedule`` on ``num_ranks`` pipeline ranks.
 
     ``num_microbatches``: micro-batches of one pipeline (both directions together for DualPipe).
     ``costs.op(kind, stage, split, stage_b)``: timing of one op (``UniformCosts`` or ``StageCosts``).
     ``p2p``: seconds from a stage's output to the next stage's input. Pure Python, no torch;
-    raises ``ValueError`` for impossible schedules (see ``schedules.check_schedule``)."""
+    raises ``ValueError`` for impossible schedules (see ``schedules.check_schedule``).
+    ``give_up_after``: return None as soon as some rank is busy past this time (the step can only be
+    longer; the search uses it to drop a layout that cannot beat the ones it has)."""
     if p2p < 0:
         raise ValueError(f"p2p must be >= 0, got {p2p}")
     orders = rank_orders(schedule, num_ranks, num_microbatches)
@@ -249,6 +259,8 @@ def simulate(schedule: str, num_ranks: int, num_microbatches: int, costs: CostMo
                 comm[r] += timing.comm
                 hidden[r] += timing.comm_hidden
                 t_free[r] = end
+                if give_up_after is not None and end > give_up_after:
+                    return None
                 ptr[r] += 1
                 remaining -= 1
                 progress = True
