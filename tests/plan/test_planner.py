@@ -138,13 +138,14 @@ def test_cli(tmp_path, capsys):
     assert main(["--cluster", "h100x64", "--pp", "2", "--ep", "32", "--schedule", "dualpipe", "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["plan"]["gpus"] == 64 and d["step"]["step_time"] > 0 and d["layer"]["comm_sms"] >= 1
-    assert main(["--cluster", "h100x64", "--pp", "2", "--ep", "8"]) == 0
+    assert main(["--cluster", "h100x64", "--pp", "2", "--ep", "8", "--schedule", "1f1b"]) == 0
     assert "GPU-hours per trillion tokens" in capsys.readouterr().out
     assert main(["--pp", "3", "--schedule", "dualpipe"]) == 2
     assert "even pp" in capsys.readouterr().err
     assert main(["--set", "nvlink_gbps=-5"]) == 2
     out = tmp_path / "png"
-    assert main(["--cluster", "h100x64", "--pp", "2", "--ep", "16", "--plot", str(out), "--json"]) == 0
+    assert main(["--cluster", "h100x64", "--pp", "2", "--ep", "16", "--schedule", "1f1b", "--plot", str(out),
+                 "--json"]) == 0
     for name in ("comm_vs_sms.png", "step_vs_ep.png", "timeline.png"):
         assert (out / name).stat().st_size > 1000
 
@@ -179,8 +180,11 @@ def test_cli_model_file_and_lead_cli(tmp_path, capsys):
     m.write_text(json.dumps({**MoEConfig.preset("tiny").to_dict(), "model_type": "deepseek_v3"}))
     assert main(["--model", str(m), "--cluster", "h200x8", "--pp", "2", "--ep", "4", "--seq-len", "256",
                  "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["model"]["hidden_size"] == 64
-    assert moekit_main(["plan", "--cluster", "h200x8", "--pp", "1", "--ep", "8", "--global-batch", "8"]) == 0
+    d = json.loads(capsys.readouterr().out)  # no --schedule: the search, holding pp and ep
+    assert d["best"]["model"]["hidden_size"] == 64
+    assert all(r["pp"] == 2 and r["ep"] == 4 for r in d["ranked"]) and len(d["ranked"]) >= 2
+    assert moekit_main(["plan", "--cluster", "h200x8", "--pp", "1", "--ep", "8", "--global-batch", "8",
+                        "--schedule", "1f1b"]) == 0
     assert "step time" in capsys.readouterr().out
 
 

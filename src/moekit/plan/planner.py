@@ -325,6 +325,19 @@ class Prepared(NamedTuple):
     step_lower_bound: float
 
 
+MODEL_LIMITS = {"num_hidden_layers": 100_000, "n_routed_experts": 1 << 20, "num_experts_per_tok": 1024,
+                "hidden_size": 1 << 24, "vocab_size": 1 << 26}
+
+
+def check_model_sizes(cfg: MoEConfig) -> None:
+    """Refuse model sizes the planner cannot evaluate in seconds (it loops over layers, and the routing
+    model takes binomials of experts choose top-k)."""
+    for name, hi in MODEL_LIMITS.items():
+        v = getattr(cfg, name)
+        if v > hi:
+            raise ValueError(f"MoEConfig.{name} ({v:,}) is over the planner's limit of {hi:,}")
+
+
 def _item_kinds(cfg: MoEConfig, mtp_depth: int) -> list[str]:
     n_layers = cfg.num_hidden_layers + mtp_depth
     return ["dense" if i < cfg.first_k_dense_replace else "moe" for i in range(n_layers)] + ["head"] * (1 + mtp_depth)
@@ -339,8 +352,7 @@ def prepare(model: MoEConfig | str, cluster: ClusterSpec | str, parallel: Parall
     cl = load_cluster(cluster) if isinstance(cluster, str) else cluster
     res = parallel.resolve(cl, cfg.n_routed_experts)
     p, dp, n = parallel, res.dp, res.num_microbatches
-    if cfg.num_hidden_layers + p.mtp_depth > 100_000:
-        raise ValueError(f"num_hidden_layers ({cfg.num_hidden_layers}) is over 100,000: refusing to plan it")
+    check_model_sizes(cfg)
     lc = layer_costs(cfg, cl, p, cache)
     tokens = p.micro_batch * p.seq_len
     kinds = _item_kinds(cfg, p.mtp_depth)
@@ -489,7 +501,8 @@ def finish(pr: Prepared, cache: dict | None = None, give_up_after: float | None 
         hide_k = _hide_k(cfg, cl, p, lc.spread, key, cache)
     layer = _layer_report(cfg, cl, p, lc.spread, lc.moe, lc.k, hide_k, lc.needs_comm) if lc.has_moe else None
     limit = None if give_up_after is None else give_up_after - pr.dp_sync - pr.optimizer
-    sim = simulate(p.schedule, p.pp, n, costs, p2p=pr.p2p, comm_records=cache is None, give_up_after=limit)
+    sim = simulate(p.schedule, p.pp, n, costs, p2p=pr.p2p, comm_records=cache is None, give_up_after=limit,
+                   records=cache is None)
     if sim is None:
         return None
     lay = layout(p.schedule, p.pp)

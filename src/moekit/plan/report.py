@@ -25,8 +25,84 @@ def to_dict(r: PlanResult) -> dict[str, Any]:
         "spread": r.spread._asdict() if r.spread is not None else None,
         "stages": r.stages,
         "layer": layer,
-        "step": r.step._asdict(),
+        "step": {**r.step._asdict(), "memory": r.step.memory._asdict()},
     }
+
+
+def _row(c: Any, best: Any) -> dict[str, Any]:
+    from .search import describe, wall
+
+    r = c.result
+    return {**describe(c.plan), "tokens_per_s_per_gpu": c.tokens_per_s_per_gpu, "step_time": r.step.step_time,
+            "compute": c.compute, "exposed_comm": c.exposed_comm, "bubble": c.bubble, "dp_sync_optimizer": c.dp,
+            "comm_sms_used": r.layer.comm_sms if r.layer else 0,
+            "compute_to_comm": r.layer.compute_to_comm if r.layer else None,
+            "comm_hidden": r.step.comm_hidden, "memory_gb": r.step.memory.total / 1e9,
+            "model_tflops_per_gpu": r.step.model_tflops_per_gpu, "loses_by": wall(c, best)}
+
+
+def search_to_dict(res: Any, best: PlanResult, reference: PlanResult | None = None) -> dict[str, Any]:
+    """The search's ranked list (best first), its memory walls and counts, the best plan in full, and
+    DeepSeek-V3's own plan when it applies; SI units."""
+    from .search import candidate, describe
+
+    first = res.ranked[0]
+    out = {
+        "search": {"candidates": res.candidates, "checked": res.checked, "simulated": res.simulated,
+                   "seconds": res.seconds, "global_batch": res.global_batch},
+        "ranked": [_row(c, first) for c in res.ranked],
+        "memory_walls": [{**describe(w.plan), "bound_tokens_per_s_per_gpu": w.bound_tokens_per_s_per_gpu,
+                          "memory_gb": w.memory_gb, "capacity_gb": w.capacity_gb} for w in res.memory_walls],
+        "best": to_dict(best),
+    }
+    if reference is not None:
+        out["deepseek_v3_plan"] = {**_row(candidate(reference), first), "fits": reference.step.fits_memory}
+    return out
+
+
+def render_search(res: Any, best: PlanResult, reference: PlanResult | None = None, notes: list[str] | None = None,
+                  console: Any = None) -> None:
+    """Print the ranked plans (and why each loses to the first), the memory walls, DeepSeek-V3's plan."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .search import candidate
+
+    if console is None:
+        console = Console()
+        console = Console(width=max(console.width, 150))
+    cl = best.cluster
+    t = Table(title=f"moekit plan: fastest layouts of {cl.num_gpus:,} GPUs ({cl.name}), global batch "
+                    f"{res.global_batch:,} x {best.plan.seq_len} tokens; {res.candidates:,} layouts, "
+                    f"{res.checked:,} checked, {res.simulated} simulated, {res.seconds:.1f} s")
+    for col in ("#", "PP x EP x DP", "schedule", "mb x n", "comm SMs", "routing", "dispatch", "recompute",
+                "tok/s/GPU", "step s", "comp:comm", "hidden", "bubble s", "exposed s", "memory GB", "loses by"):
+        t.add_column(col, justify="right" if col not in ("schedule", "routing", "recompute", "loses by") else "left")
+    first = res.ranked[0]
+    rows = [(str(i + 1), c) for i, c in enumerate(res.ranked)]
+    if reference is not None:
+        rows.append(("DeepSeek", candidate(reference)))
+    for tag, c in rows:
+        d = _row(c, first)
+        p = c.plan
+        t.add_row(tag, f"{p.pp} x {p.ep} x {p.dp}", p.schedule, f"{p.micro_batch} x {p.num_microbatches}",
+                  f"{d['comm_sms_used']}" + (" (auto)" if p.comm_sms == "auto" else ""), p.routing or "-",
+                  "FP8" if p.fp8_dispatch else "BF16", p.recompute, f"{d['tokens_per_s_per_gpu']:,.0f}",
+                  f"{d['step_time']:.2f}", f"{d['compute_to_comm']:.2f}" if d["compute_to_comm"] else "-",
+                  f"{d['comm_hidden']:.0%}", f"{d['bubble']:.2f}", f"{d['exposed_comm']:.2f}",
+                  f"{d['memory_gb']:.1f}", d["loses_by"])
+    console.print(t)
+    if res.memory_walls:
+        w = Table(title="faster on paper, but they do not fit (memory wall)")
+        for col in ("PP x EP x DP", "schedule", "mb", "recompute", "bound tok/s/GPU", "memory GB"):
+            w.add_column(col)
+        for r in res.memory_walls:
+            p = r.plan
+            w.add_row(f"{p.pp} x {p.ep} x {p.dp}", p.schedule, str(p.micro_batch), p.recompute,
+                      f"<= {r.bound_tokens_per_s_per_gpu:,.0f}", f"{r.memory_gb:.1f} > {r.capacity_gb:g}")
+        console.print(w)
+    for n in notes or []:
+        console.print(f"note: {n}")
 
 
 def _si(x: float, unit: str) -> str:

@@ -81,19 +81,40 @@ def parse_routing(spec: str | Routing | None, max_nodes_per_token: int | None = 
 
 def load_histogram(path: str | Path) -> np.ndarray:
     """Expert loads, float64 ``[E]`` or ``[layers, E]`` (e.g. ``torch.stack`` of each layer's
-    ``moekit.routing.balance.ExpertLoad.total``, saved with ``torch.save``)."""
-    p = Path(path)
-    if not p.exists():
-        raise ValueError(f"histogram file {str(p)!r} does not exist")
-    if p.suffix == ".npy":
-        a = np.load(p)
-    elif p.suffix == ".pt":
-        import torch
+    ``moekit.routing.balance.ExpertLoad.total``, saved with ``torch.save``). ``ValueError`` naming the
+    file for anything else (missing, a directory, unreadable, not a numeric array, a ``.pt`` that does
+    not hold one tensor)."""
+    from .cluster import read_text_file
 
-        a = torch.load(p, map_location="cpu").double().numpy()
-    else:
-        a = np.asarray(json.loads(p.read_text()), dtype=np.float64)
-    return _check_loads(a)
+    p = Path(path)
+    what = "routing histogram"
+    if not p.exists() or p.is_dir() or p.suffix not in (".npy", ".pt"):
+        text = read_text_file(p, what)
+        try:
+            return _check_loads(np.asarray(json.loads(text), dtype=np.float64))
+        except (json.JSONDecodeError, TypeError, ValueError) as e:
+            raise ValueError(f"{what} {str(p)!r}: expected a JSON list of loads (or a list per layer): "
+                             f"{' '.join(str(e).split())}") from None
+    try:
+        if p.suffix == ".npy":
+            a = np.load(p, allow_pickle=False)
+        else:
+            import torch
+
+            a = torch.load(p, map_location="cpu", weights_only=True)
+            if not isinstance(a, torch.Tensor):
+                raise ValueError(f"holds a {type(a).__name__}, not a tensor")
+            if a.is_complex() or a.dtype == torch.bool:
+                raise ValueError(f"holds a {a.dtype} tensor, not a real one")
+            a = a.detach().double().numpy()
+    except ValueError as e:
+        raise ValueError(f"{what} {str(p)!r}: {' '.join(str(e).split())}") from None
+    except Exception as e:  # unpickling / zip / OS errors: all mean "not a saved array"
+        raise ValueError(f"{what} {str(p)!r}: not a readable {p.suffix} array ({type(e).__name__})") from None
+    try:
+        return _check_loads(a)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{what} {str(p)!r}: {e}") from None
 
 
 def _check_loads(a: np.ndarray) -> np.ndarray:

@@ -39,7 +39,7 @@ from ..config import MoEConfig
 from .cluster import MAX_SIM_OPS, ClusterSpec, ParallelPlan
 from .cost import layer_params
 from .memory import STATE_BYTES_REPLICATED, STATE_BYTES_SHARDED
-from .planner import PlanResult, finish, layer_costs, link_bound_sms, prepare
+from .planner import PlanResult, check_model_sizes, finish, layer_costs, link_bound_sms, prepare
 from .routing import expected_spread, parse_routing
 from .schedules import SCHEDULES, check_schedule
 
@@ -270,6 +270,7 @@ def search(model: MoEConfig | str, cluster: ClusterSpec | str, fixed: dict | Non
     cl = load_cluster(cluster) if isinstance(cluster, str) else cluster
     if top < 1:
         raise ValueError(f"top must be >= 1, got {top}")
+    check_model_sizes(cfg)
     plans = space(cfg, cl, fixed, global_batch=global_batch, seq_len=seq_len, mtp_depth=mtp_depth,
                   gemm_dtype=gemm_dtype)
     if not plans:
