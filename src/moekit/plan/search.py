@@ -158,8 +158,8 @@ def space(cfg: MoEConfig, cluster: ClusterSpec, fixed: dict | None = None, *, gl
         dp = g_all // pp
         if "dp" in fixed and fixed["dp"] != dp:
             continue
-        eps = [fixed["ep"]] if "ep" in fixed else [e for e in divisors(cfg.n_routed_experts)
-                                                   if _ep_ok(e, dp, cfg.n_routed_experts, cluster.gpus_per_node)]
+        eps = [e for e in ([fixed["ep"]] if "ep" in fixed else divisors(cfg.n_routed_experts))
+               if _ep_ok(e, dp, cfg.n_routed_experts, cluster.gpus_per_node)]
         for sched in pick["schedule"]:
             stages = pp * (2 if sched in ("dualpipev", "interleaved") else 1)
             if stages > items or (sched == "dualpipe" and pp % 2):
