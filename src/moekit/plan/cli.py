@@ -161,7 +161,10 @@ def _inputs(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``moekit plan``; returns the exit status (2 for bad inputs)."""
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or a one-line usage error (2)
+        return int(e.code or 0)
     try:
         model, cluster, given, notes = _inputs(args)
         one = all(k in given for k in ("pp", "ep", "schedule")) and not args.search

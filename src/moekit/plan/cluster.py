@@ -228,7 +228,12 @@ class ParallelPlan:
             check_int(f"ParallelPlan.{f}", getattr(self, f), 1, hi)
         for f, hi in (("dp", 1 << 20), ("global_batch", 1 << 34), ("num_microbatches", MAX_SIM_OPS)):
             if getattr(self, f) is not None:
-                check_int(f"ParallelPlan.{f}", getattr(self, f), 1, hi)
+                try:
+                    check_int(f"ParallelPlan.{f}", getattr(self, f), 1, hi)
+                except ValueError as e:
+                    if f != "num_microbatches" or getattr(self, f) < 1:
+                        raise
+                    raise ValueError(f"{e}: more would take over ~10 s and ~0.5 GB to simulate") from None
         check_int("ParallelPlan.mtp_depth", self.mtp_depth, 0, 64)
         if self.schedule not in SCHEDULES:
             raise ValueError(f"ParallelPlan.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
