@@ -269,7 +269,8 @@ def layer_costs(cfg: MoEConfig, cl: ClusterSpec, p: ParallelPlan, cache: dict | 
     routing = parse_routing(p.routing, cfg.max_nodes_per_token)
     has_moe = cfg.first_k_dense_replace < cfg.num_hidden_layers or p.mtp_depth > 0
     # Histograms also matter at EP = 1 (the imbalance factor); otherwise EP = 1 moves no bytes.
-    spread = expected_spread(routing, cfg.n_routed_experts, cfg.num_experts_per_tok, p.ep, cl.gpus_per_node) \
+    spread = expected_spread(routing, cfg.n_routed_experts, cfg.num_experts_per_tok, p.ep, cl.gpus_per_node,
+                             tokens=p.micro_batch * p.seq_len) \
         if p.ep > 1 or routing.kind == "histogram" else None
     needs_comm = p.ep > 1 and has_moe
     if not needs_comm:

@@ -196,7 +196,7 @@ def _link_k(cfg: MoEConfig, cl: ClusterSpec, ep: int, mb: int, seq_len: int, rou
     key = (ep, mb, routing, fp8)
     if key not in memo:
         spread = expected_spread(parse_routing(routing, cfg.max_nodes_per_token), cfg.n_routed_experts,
-                                 cfg.num_experts_per_tok, ep, cl.gpus_per_node)
+                                 cfg.num_experts_per_tok, ep, cl.gpus_per_node, tokens=mb * seq_len)
         memo[key] = link_bound_sms(cfg, cl, ParallelPlan(ep=ep, micro_batch=mb, seq_len=seq_len, fp8_dispatch=fp8),
                                    spread)
     return memo[key]

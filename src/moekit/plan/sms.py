@@ -109,13 +109,13 @@ def sm_table(model: MoEConfig, clusters: list[ClusterSpec], ep: int = 64, *, seq
     for cl in clusters:
         e = min(ep, cl.num_gpus)
         spread_u = expected_spread(parse_routing("uniform"), model.n_routed_experts, model.num_experts_per_tok, e,
-                                   cl.gpus_per_node)
+                                   cl.gpus_per_node, tokens=seq_len)
         p = ParallelPlan(ep=e, seq_len=seq_len, recompute="selective")
         hide_u = smallest_hiding_sms(model, cl, p, spread_u)
         hide_n = None
         if node_limit is not None and e // cl.gpus_per_node > node_limit:
             spread_n = expected_spread(parse_routing(f"node-limited:{node_limit}"), model.n_routed_experts,
-                                       model.num_experts_per_tok, e, cl.gpus_per_node)
+                                       model.num_experts_per_tok, e, cl.gpus_per_node, tokens=seq_len)
             hide_n = smallest_hiding_sms(model, cl, p, spread_n)
         rows.append(SmRow(cl.name, e, deepep_theoretical_sms(
             model.n_routed_experts, model.num_experts_per_tok, e, cl.gpus_per_node, rdma_gbps=cl.internode_gbps,
