@@ -75,9 +75,10 @@ def render_search(res: Any, best: PlanResult, reference: PlanResult | None = Non
     t = Table(title=f"moekit plan: fastest layouts of {cl.num_gpus:,} GPUs ({cl.name}), global batch "
                     f"{res.global_batch:,} x {best.plan.seq_len} tokens; {res.candidates:,} layouts, "
                     f"{res.checked:,} checked, {res.simulated} simulated, {res.seconds:.1f} s")
-    for col in ("#", "PP x EP x DP", "schedule", "mb x n", "comm SMs", "routing", "dispatch", "recompute",
-                "tok/s/GPU", "step s", "comp:comm", "hidden", "bubble s", "exposed s", "memory GB", "loses by"):
-        t.add_column(col, justify="right" if col not in ("schedule", "routing", "recompute", "loses by") else "left")
+    for col in ("#", "layout", "k", "routing / dispatch / recompute", "tok/s/GPU", "comp:comm", "hidden",
+                "bubble s", "exposed s", "GB", "loses by"):
+        t.add_column(col, justify="left" if col in ("layout", "routing / dispatch / recompute", "loses by")
+                     else "right")
     first = res.ranked[0]
     rows = [(str(i + 1), c) for i, c in enumerate(res.ranked)]
     if reference is not None:
@@ -85,12 +86,16 @@ def render_search(res: Any, best: PlanResult, reference: PlanResult | None = Non
     for tag, c in rows:
         d = _row(c, first)
         p = c.plan
-        t.add_row(tag, f"{p.pp} x {p.ep} x {p.dp}", p.schedule, f"{p.micro_batch} x {p.num_microbatches}",
-                  f"{d['comm_sms_used']}" + (" (auto)" if p.comm_sms == "auto" else ""), p.routing or "-",
-                  "FP8" if p.fp8_dispatch else "BF16", p.recompute, f"{d['tokens_per_s_per_gpu']:,.0f}",
-                  f"{d['step_time']:.2f}", f"{d['compute_to_comm']:.2f}" if d["compute_to_comm"] else "-",
+        t.add_row(tag, f"PP{p.pp} EP{p.ep} DP{c.result.dp} {p.schedule} {p.micro_batch}x{p.num_microbatches}",
+                  f"{d['comm_sms_used']}" + ("a" if p.comm_sms == "auto" else ""),
+                  f"{p.routing or '-'} / {'FP8' if p.fp8_dispatch else 'BF16'} / {p.recompute}",
+                  f"{d['tokens_per_s_per_gpu']:,.0f}",
+                  f"{d['compute_to_comm']:.2f}" if d["compute_to_comm"] not in (None, float("inf")) else "-",
                   f"{d['comm_hidden']:.0%}", f"{d['bubble']:.2f}", f"{d['exposed_comm']:.2f}",
                   f"{d['memory_gb']:.1f}", d["loses_by"])
+    t.caption = ("k: comm SMs (a = auto, the smallest that hides); comp:comm per MoE layer, forward; hidden: EP "
+                 "comm under compute, whole step; loses by: the part of the busiest rank's step that grew most "
+                 "against #1")
     console.print(t)
     if res.memory_walls:
         w = Table(title="faster on paper, but they do not fit (memory wall)")
@@ -168,9 +173,13 @@ def render(r: PlanResult, console: Any = None) -> None:
     t.add_row("MFU (of the GEMM dtype's peak) / vs BF16 peak", f"{s.mfu:.1%} / {s.mfu_bf16:.1%}")
     t.add_row("tokens/s per GPU", f"{s.tokens_per_s_per_gpu:,.0f}")
     t.add_row("GPU-hours per trillion tokens", f"{s.gpu_hours_per_trillion_tokens:,.0f}")
+    m = s.memory
     t.add_row("params / weight+grad+optimizer memory per GPU",
-              f"{s.params_per_gpu / 1e9:.2f} B / {s.state_memory_gb:.1f} GB"
-              + ("" if s.fits_memory else f" (> {r.cluster.hbm_gb:g} GB: does not fit)"))
+              f"{s.params_per_gpu / 1e9:.2f} B / {s.state_memory_gb:.1f} GB")
+    t.add_row(f"activations ({m.inflight_microbatches:.1f} micro-batches in flight; FP8/cached part) + EP buffers",
+              f"{m.activations / 1e9:.1f} GB ({m.activations_cache / 1e9:.1f} GB) + {m.ep_buffers / 1e9:.1f} GB")
+    t.add_row(f"memory on the fullest GPU ({r.plan.recompute} recomputation)",
+              f"{m.total / 1e9:.1f} of {r.cluster.hbm_gb:g} GB" + ("" if m.fits else ": does not fit"))
     console.print(t)
 
 
