@@ -91,6 +91,7 @@ class SearchResult(NamedTuple):
 
 
 def divisors(n: int) -> list[int]:
+    """The positive divisors of ``n``, ascending."""
     small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
     return sorted(set(small + [n // d for d in small]))
 
