@@ -89,3 +89,20 @@ def test_deepseek_plan_is_matched_or_beaten():
     best = res.ranked[0]
     assert best.tokens_per_s_per_gpu >= own.step.tokens_per_s_per_gpu
     assert best.result.step.fits_memory and best.plan.pp == 16
+
+
+def test_cli_recommends_a_plan_that_fits_beside_deepseeks(capsys):
+    # `moekit plan --model deepseek-v3 --cluster h800x2048`: a ranked list whose best fits in 80 GB, and
+    # DeepSeek's own plan beside it with its ~20 comm SMs and ~1:1 compute : communication.
+    from moekit.plan.cli import main
+
+    assert main(["--model", "deepseek-v3", "--cluster", "h800x2048", "--mtp-depth", "1", "--top", "2", "--json"]) == 0
+    import json
+
+    d = json.loads(capsys.readouterr().out)
+    best, own = d["ranked"][0], d["deepseek_v3_plan"]
+    assert best["memory_gb"] <= 80 and d["best"]["step"]["fits_memory"]
+    assert own["fits"] and own["comm_sms_used"] == 20 and 0.67 <= own["compute_to_comm"] <= 1.5
+    assert (own["pp"], own["ep"], own["schedule"], own["routing"]) == (16, 64, "dualpipe", "node-limited:4")
+    assert best["tokens_per_s_per_gpu"] >= own["tokens_per_s_per_gpu"]
+    assert d["search"]["simulated"] < d["search"]["candidates"] / 10  # the bounds did the pruning
