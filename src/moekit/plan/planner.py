@@ -403,14 +403,17 @@ def prepare(model: MoEConfig | str, cluster: ClusterSpec | str, parallel: Parall
                           capacity=cl.hbm_gb * 1e9, fits=total <= cl.hbm_gb * 1e9,
                           inflight_microbatches=peaks[rk].total / big if big > 0 else 0.0)
 
-    dense_p, expert_p = max(dense_r), max(expert_r)
-    # ZeRO-1: reduce-scatter gradients + all-gather parameters, bf16, ring over DP (inter-node), not overlapped.
+    # ZeRO-1: reduce-scatter gradients + all-gather parameters, bf16, ring over DP (inter-node), not
+    # overlapped; every rank syncs its own parameters at once, so the rank with the most sets the time.
     link = cl.internode_gbps * cl.internode_efficiency * 1e9 if cl.num_nodes > 1 else \
         cl.nvlink_gbps * cl.nvlink_efficiency * 1e9
-    dp_sync = 2 * 2 * (dense_p * (dp - 1) / dp + expert_p * (edp - 1) / edp) / link
+    dp_sync = max(2 * 2 * (d * (dp - 1) / dp + e * (edp - 1) / edp) / link for d, e in zip(dense_r, expert_r))
     # AdamW on this rank's optimizer shard: ~28 bytes read+written per parameter at HBM speed.
-    optimizer = 28 * (dense_p / dp + expert_p / edp) / (cl.hbm_tbps * cl.hbm_efficiency * 1e12)
+    optimizer = max(28 * (d / dp + e / edp) for d, e in zip(dense_r, expert_r)) / \
+        (cl.hbm_tbps * cl.hbm_efficiency * 1e12)
     lb = _pipeline_lower_bound(p, n, lay, costs, p2p) + dp_sync + optimizer
+    # The rank with the most parameters, for the report (the fullest in memory is ``memory``).
+    dense_p, expert_p = max(zip(dense_r, expert_r), key=lambda de: de[0] + de[1])
     state = STATE_BYTES_REPLICATED * (dense_p + expert_p) + STATE_BYTES_SHARDED * (dense_p / dp + expert_p / edp)
     return Prepared(cfg, cl, p, dp, n, lc, sizes, costs, memory, dense_p + expert_p, state, dp_sync, optimizer,
                     p2p, lb)
