@@ -213,6 +213,17 @@ def _compute_dtype(value: Any):
 
 PRESETS: dict[str, dict[str, Any]] = {
     "deepseek-v3": {},
+    # Qwen3-235B-A22B (its HF config.json): 94 layers, H 4096, 64 query heads of 128, 4 KV heads, 128
+    # experts (top-8) of 1536, no shared expert, vocab 151936. Its GQA attention is written in MLA's
+    # fields for the planner: no q latent, rope dim 0, and kv_lora_rank 205 so that the K/V projection
+    # (H x 205 + 205 x 64 x 256) has GQA's H x 1024 parameters and FLOPs (within 0.1%).
+    "qwen3-235b": dict(
+        hidden_size=4096, moe_intermediate_size=1536, intermediate_size=12288, n_routed_experts=128,
+        n_shared_experts=0, num_experts_per_tok=8, n_group=1, topk_group=1, routed_scaling_factor=1.0,
+        scoring_func="softmax", num_hidden_layers=94, first_k_dense_replace=0, num_attention_heads=64,
+        q_lora_rank=None, kv_lora_rank=205, qk_nope_head_dim=128, qk_rope_head_dim=0, v_head_dim=128,
+        vocab_size=151936, rms_norm_eps=1e-6,
+    ),
     "tiny": dict(
         hidden_size=64, moe_intermediate_size=32, intermediate_size=128, n_routed_experts=16,
         n_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2, routed_scaling_factor=2.5,

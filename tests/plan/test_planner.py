@@ -11,7 +11,8 @@ from moekit import MoEConfig
 from moekit.plan import ClusterSpec, ParallelPlan, load_cluster, plan
 from moekit.plan.cli import main
 
-V3 = dict(pp=16, ep=64, schedule="dualpipe", routing="node-limited:4", global_batch=15360, mtp_depth=1)
+V3 = dict(pp=16, ep=64, schedule="dualpipe", routing="node-limited:4", global_batch=15360, mtp_depth=1,
+          recompute="selective")
 
 
 @pytest.fixture(scope="module")
@@ -137,22 +138,26 @@ def test_cli(tmp_path, capsys):
     assert main(["--cluster", "h100x64", "--pp", "2", "--ep", "32", "--schedule", "dualpipe", "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["plan"]["gpus"] == 64 and d["step"]["step_time"] > 0 and d["layer"]["comm_sms"] >= 1
-    assert main(["--cluster", "h100x64", "--pp", "2", "--ep", "8"]) == 0
+    assert main(["--cluster", "h100x64", "--pp", "2", "--ep", "8", "--schedule", "1f1b"]) == 0
     assert "GPU-hours per trillion tokens" in capsys.readouterr().out
     assert main(["--pp", "3", "--schedule", "dualpipe"]) == 2
     assert "even pp" in capsys.readouterr().err
     assert main(["--set", "nvlink_gbps=-5"]) == 2
     out = tmp_path / "png"
-    assert main(["--cluster", "h100x64", "--pp", "2", "--ep", "16", "--plot", str(out), "--json"]) == 0
+    assert main(["--cluster", "h100x64", "--pp", "2", "--ep", "16", "--schedule", "1f1b", "--plot", str(out),
+                 "--json"]) == 0
     for name in ("comm_vs_sms.png", "step_vs_ep.png", "timeline.png"):
         assert (out / name).stat().st_size > 1000
 
 
 def test_memory_estimate(v3_20):
     # Fullest GPU (rank 0 holds stage 0 and the last stage with both heads): weights + grads in full,
-    # optimizer sharded over DP; EP64 fits in 80 GB, EP1 (all 256 experts per GPU) cannot.
+    # optimizer sharded over DP; with DeepSeek's recomputation EP64 fits in 80 GB, EP1 (all 256 experts
+    # per GPU) cannot, and neither does EP64 without recomputation (the activations of 17 micro-batches).
     s = v3_20.step
-    assert s.fits_memory
+    assert s.fits_memory and s.memory.inflight_microbatches == pytest.approx(17)
+    none = plan("deepseek-v3", "h800x2048", ParallelPlan(**{**V3, "recompute": "none", "comm_sms": 20}))
+    assert not none.step.fits_memory and none.step.memory.activations > s.memory.activations
     assert 6 * s.params_per_gpu / 1e9 < s.state_memory_gb < (6 + 8 / 2) * s.params_per_gpu / 1e9  # EDP = 2
     ep1 = plan("deepseek-v3", "h800x2048", ParallelPlan(**{**V3, "ep": 1, "comm_sms": 20}))
     assert not ep1.step.fits_memory and ep1.step.params_per_gpu > 10 * s.params_per_gpu / 2
@@ -175,8 +180,11 @@ def test_cli_model_file_and_lead_cli(tmp_path, capsys):
     m.write_text(json.dumps({**MoEConfig.preset("tiny").to_dict(), "model_type": "deepseek_v3"}))
     assert main(["--model", str(m), "--cluster", "h200x8", "--pp", "2", "--ep", "4", "--seq-len", "256",
                  "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["model"]["hidden_size"] == 64
-    assert moekit_main(["plan", "--cluster", "h200x8", "--pp", "1", "--ep", "8", "--global-batch", "8"]) == 0
+    d = json.loads(capsys.readouterr().out)  # no --schedule: the search, holding pp and ep
+    assert d["best"]["model"]["hidden_size"] == 64
+    assert all(r["pp"] == 2 and r["ep"] == 4 for r in d["ranked"]) and len(d["ranked"]) >= 2
+    assert moekit_main(["plan", "--cluster", "h200x8", "--pp", "1", "--ep", "8", "--global-batch", "8",
+                        "--schedule", "1f1b"]) == 0
     assert "step time" in capsys.readouterr().out
 
 

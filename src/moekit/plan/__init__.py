@@ -1,21 +1,27 @@
-"""The planner: predict a cluster's MoE training step before renting it.
+"""The planner: find and predict a cluster's MoE training step before renting it.
 
-``plan(model, cluster, ParallelPlan(...))`` -> ``PlanResult`` (per-layer bytes and times, the SM split,
-per-step bubble, step time, MFU, tokens/s/GPU, GPU-hours per trillion tokens); ``simulate`` is the
-discrete-event pipeline simulator behind it; ``moekit plan`` is the command line (``plan/cli.py``).
+``search(model, cluster, fixed)`` -> ``SearchResult`` (the fastest layouts that fit, ranked by tokens/s
+per GPU, and why the next ones lose); ``plan(model, cluster, ParallelPlan(...))`` -> ``PlanResult``
+(per-layer bytes and times, the SM split, memory per GPU, per-step bubble, step time, MFU, tokens/s/GPU,
+GPU-hours per trillion tokens); ``simulate`` is the discrete-event pipeline simulator behind both;
+``moekit plan`` is the command line (``plan/cli.py``).
 """
 
 from __future__ import annotations
 
 from .cluster import CLUSTER_PRESETS, ClusterSpec, ParallelPlan, load_cluster, load_plan
+from .memory import MemoryReport, activation_bytes
 from .planner import LayerReport, PlanResult, StepReport, ep_sweep, plan, sm_sweep, smallest_hiding_sms
 from .routing import Routing, Spread, expected_spread, parse_routing
 from .schedules import SCHEDULES, bubble_formula, rank_orders
+from .search import Candidate, SearchResult, search
 from .sim import SimResult, StageCosts, UniformCosts, simulate
+from .sms import deepep_theoretical_sms, sm_table
 
 __all__ = [
-    "CLUSTER_PRESETS", "ClusterSpec", "LayerReport", "ParallelPlan", "PlanResult", "Routing", "SCHEDULES",
-    "SimResult", "Spread", "StageCosts", "StepReport", "UniformCosts", "bubble_formula", "ep_sweep",
-    "expected_spread", "load_cluster", "load_plan", "parse_routing", "plan", "rank_orders", "simulate",
-    "sm_sweep", "smallest_hiding_sms",
+    "CLUSTER_PRESETS", "Candidate", "ClusterSpec", "LayerReport", "MemoryReport", "ParallelPlan", "PlanResult",
+    "Routing", "SCHEDULES", "SearchResult", "SimResult", "Spread", "StageCosts", "StepReport", "UniformCosts",
+    "activation_bytes", "bubble_formula", "deepep_theoretical_sms", "ep_sweep", "expected_spread", "load_cluster",
+    "load_plan", "parse_routing", "plan", "rank_orders", "search", "simulate", "sm_sweep", "sm_table",
+    "smallest_hiding_sms",
 ]

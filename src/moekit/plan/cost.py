@@ -71,6 +71,18 @@ def _elementwise_bytes(cfg: MoEConfig, dense: bool, fp8: bool) -> float:
     return float(b)
 
 
+def _recompute_bytes(cfg: MoEConfig, dense: bool, fp8: bool) -> float:
+    """HBM bytes per token that selective recomputation moves again: the four RMSNorms (read + write
+    bf16), SwiGLU (read gate+up, write the output), and re-quantising the recomputed GEMM inputs."""
+    h, lat = cfg.hidden_size, cfg.kv_lora_rank + (cfg.q_lora_rank or 0)
+    rows, inter = (1, cfg.intermediate_size) if dense else \
+        (cfg.num_experts_per_tok + cfg.n_shared_experts, cfg.moe_intermediate_size)
+    b = 2 * 2 * h * 2 + 2 * 2 * lat + rows * 3 * inter * 2
+    if fp8:
+        b += 3 * (h + lat + rows * inter)
+    return float(b)
+
+
 class Piece(NamedTuple):
     """One sub-phase of an op: ``stream`` 0 = compute, 1 = communication; ``seconds``."""
 
@@ -97,6 +109,8 @@ class LayerTimes(NamedTuple):
     combine_f: float
     dispatch_b: float
     combine_b: float
+    recompute: float = 0.0  # compute seconds rerun in the backward (selective recomputation)
+    recompute_full: bool = False  # the backward first reruns the whole forward, communication included
 
     def forward(self) -> list[Piece]:
         if self.dispatch_f == 0 and self.combine_f == 0:
@@ -106,9 +120,18 @@ class LayerTimes(NamedTuple):
     def backward(self, with_w: bool) -> list[Piece]:
         mlp = self.mlp_bi + (self.mlp_w if with_w else 0.0)
         attn = self.attn_bi + (self.attn_w if with_w else 0.0)
+        # Selective recomputation runs where its outputs are needed: mostly the MLA up-projections, just
+        # before the attention backward (the layer's last piece), so it is charged there.
+        attn += self.recompute
+        pre = self.forward() if self.recompute_full else []
         if self.dispatch_b == 0 and self.combine_b == 0:
-            return [Piece(0, mlp + attn)]
-        return [Piece(1, self.dispatch_b), Piece(0, mlp), Piece(1, self.combine_b), Piece(0, attn)]
+            return pre + [Piece(0, mlp + attn)]
+        return pre + [Piece(1, self.dispatch_b), Piece(0, mlp), Piece(1, self.combine_b), Piece(0, attn)]
+
+    def pair(self) -> tuple[float, float]:
+        """(compute, comm) seconds of this layer's forward + full backward, recomputation included."""
+        f, b = self.forward(), self.backward(True)
+        return (sum(x.seconds for x in f + b if x.stream == 0), sum(x.seconds for x in f + b if x.stream == 1))
 
     def weight(self) -> float:
         return self.attn_w + self.mlp_w
@@ -189,11 +212,22 @@ def compute_parts(cfg: MoEConfig, cluster: ClusterSpec, *, tokens: int, seq_len:
                         _elementwise_bytes(cfg, dense, gemm_dtype == "fp8") * tokens / r.hbm)
 
 
+def recompute_flops(cfg: MoEConfig) -> float:
+    """Forward FLOPs per token that selective recomputation reruns: the MLA up-projections (q_b from
+    the q latent, kv_b from the kv latent), DeepSeek-V3 sec. 3.2.3."""
+    nh, dn, dr, dv = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+    q_up = cfg.q_lora_rank * nh * (dn + dr) if cfg.q_lora_rank else 0
+    return 2.0 * (q_up + cfg.kv_lora_rank * nh * (dn + dv))
+
+
 def layer_times(cfg: MoEConfig, cluster: ClusterSpec, *, tokens: int, seq_len: int, dense: bool,
-                spread: Spread | None, fp8_dispatch: bool, gemm_dtype: str, comm_sms: int) -> LayerTimes:
+                spread: Spread | None, fp8_dispatch: bool, gemm_dtype: str, comm_sms: int,
+                recompute: str = "none") -> LayerTimes:
     """Seconds of one transformer layer for ``tokens`` tokens (one micro-batch) on one GPU.
 
-    ``spread`` None (or a dense layer): no EP communication (EP = 1)."""
+    ``spread`` None (or a dense layer): no EP communication (EP = 1). ``recompute``: "none",
+    "selective" (the up-projection GEMMs and the norm/SwiGLU memory traffic rerun before the backward)
+    or "full" (the whole forward, EP communication included, reruns)."""
     imb = spread.imbalance if spread is not None and not dense else 1.0
     c = compute_parts(cfg, cluster, tokens=tokens, seq_len=seq_len, dense=dense, imbalance=imb,
                       gemm_dtype=gemm_dtype, comm_sms=comm_sms)
@@ -202,22 +236,28 @@ def layer_times(cfg: MoEConfig, cluster: ClusterSpec, *, tokens: int, seq_len: i
     attn_f, mlp_f = c.attn_linear + c.attn_core + 0.4 * c.elementwise, mlp + 0.6 * c.elementwise
     attn_bi, mlp_bi = c.attn_linear + 2 * c.attn_core + 0.8 * c.elementwise, mlp + 1.2 * c.elementwise
     attn_w, mlp_w = c.attn_linear, mlp
+    rc = 0.0
+    if recompute == "selective":
+        r = rates(cluster, gemm_dtype, comm_sms)
+        rc = tokens * (recompute_flops(cfg) / r.gemm + _recompute_bytes(cfg, dense, gemm_dtype == "fp8") / r.hbm)
+    full = recompute == "full"
     if dense or spread is None:
-        return LayerTimes(attn_f, mlp_f, attn_bi, mlp_bi, attn_w, mlp_w, 0.0, 0.0, 0.0, 0.0)
+        return LayerTimes(attn_f, mlp_f, attn_bi, mlp_bi, attn_w, mlp_w, 0.0, 0.0, 0.0, 0.0, rc, full)
     fwd = comm_bytes(cfg, tokens, spread, fp8_dispatch)
     d_f = transfer_time(fwd.dispatch_intra, fwd.dispatch_inter, cluster, comm_sms).time
     c_f = transfer_time(fwd.combine_intra, fwd.combine_inter, cluster, comm_sms).time
     # Backward: the gradient of combine travels like a dispatch (FP8 in DeepSeek-V3's recipe when
     # FP8 dispatch is on), the gradient of dispatch like a combine (bf16).
-    return LayerTimes(attn_f, mlp_f, attn_bi, mlp_bi, attn_w, mlp_w, d_f, c_f, d_f, c_f)
+    return LayerTimes(attn_f, mlp_f, attn_bi, mlp_bi, attn_w, mlp_w, d_f, c_f, d_f, c_f, rc, full)
 
 
-def head_times(cfg: MoEConfig, cluster: ClusterSpec, *, tokens: int, gemm_dtype: str, comm_sms: int) -> LayerTimes:
+def head_times(cfg: MoEConfig, cluster: ClusterSpec, *, tokens: int, gemm_dtype: str, comm_sms: int,
+               recompute: str = "none") -> LayerTimes:
     """Output head + cross-entropy (the head GEMM in the GEMM dtype; softmax at HBM speed)."""
     r = rates(cluster, gemm_dtype, comm_sms)
     g = tokens * 2.0 * cfg.hidden_size * cfg.vocab_size / r.gemm
     sm = tokens * cfg.vocab_size * 4 * 3 / r.hbm  # fp32 logits: write, read for softmax, write grads
-    return LayerTimes(g + sm, 0.0, g + sm, 0.0, g, 0.0, 0.0, 0.0, 0.0, 0.0)
+    return LayerTimes(g + sm, 0.0, g + sm, 0.0, g, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, recompute == "full")
 
 
 def step_flops_per_token(cfg: MoEConfig, seq_len: int, mtp_depth: int = 0) -> float:

@@ -8,6 +8,9 @@ gradient sync and optimizer -> step time, MFU, tokens/s/GPU, GPU-hours per trill
 
 from __future__ import annotations
 
+import math
+from collections import Counter
+from functools import lru_cache
 from typing import NamedTuple
 
 from ..config import MoEConfig
@@ -24,8 +27,19 @@ from .cost import (
     step_flops_per_token,
     transfer_time,
 )
+from .memory import (
+    FP8_BYTES,
+    STATE_BYTES_REPLICATED,
+    STATE_BYTES_SHARDED,
+    ActivationBytes,
+    MemoryReport,
+    StageMemory,
+    activation_bytes,
+    ep_buffer_bytes,
+    peak_activations,
+)
 from .routing import Routing, Spread, expected_spread, parse_routing
-from .schedules import Layout, bubble_formula, layout
+from .schedules import Layout, bubble_formula, layout, rank_orders
 from .sim import SimResult, StageCosts, simulate, two_stream
 
 
@@ -78,8 +92,10 @@ class StepReport(NamedTuple):
     at HBM speed; step_time: their sum; comm_hidden: fraction of EP comm time under compute;
     compute_busy: fraction of the pipeline time the compute stream is busy; params_per_gpu: parameters
     on the fullest GPU; state_memory_gb: its weights (bf16) + gradients (fp32) + ZeRO-1 share of the
-    optimizer (fp32 master, bf16 moments), 1e9 bytes, activations not included; fits_memory: that
-    state fits in ``cluster.hbm_gb``.
+    optimizer (fp32 master, bf16 moments), 1e9 bytes; memory: the ``MemoryReport`` of the fullest GPU
+    (state + activations in flight + EP buffers); fits_memory: ``memory.fits``;
+    model_tflops_per_gpu: model FLOPs (``step_flops_per_token``, no recomputation) per second per GPU,
+    the figure Megatron-Core reports as "TFLOPS/GPU".
     """
 
     num_microbatches: int
@@ -100,6 +116,8 @@ class StepReport(NamedTuple):
     params_per_gpu: float
     state_memory_gb: float
     fits_memory: bool
+    model_tflops_per_gpu: float
+    memory: MemoryReport
 
 
 class PlanResult(NamedTuple):
@@ -121,13 +139,13 @@ class PlanResult(NamedTuple):
 
 def _moe_layer(cfg: MoEConfig, cluster: ClusterSpec, plan: ParallelPlan, spread: Spread | None, k: int) -> LayerTimes:
     return layer_times(cfg, cluster, tokens=plan.micro_batch * plan.seq_len, seq_len=plan.seq_len, dense=False,
-                       spread=spread, fp8_dispatch=plan.fp8_dispatch, gemm_dtype=plan.gemm_dtype, comm_sms=k)
+                       spread=spread, fp8_dispatch=plan.fp8_dispatch, gemm_dtype=plan.gemm_dtype, comm_sms=k,
+                       recompute=plan.recompute)
 
 
 def _pair(lt: LayerTimes) -> tuple[float, float]:
     """(compute, comm) seconds of one MoE layer's forward + full backward (an F&B pair)."""
-    comp = lt.attn_f + lt.mlp_f + lt.attn_bi + lt.mlp_bi + lt.attn_w + lt.mlp_w
-    return comp, lt.dispatch_f + lt.combine_f + lt.dispatch_b + lt.combine_b
+    return lt.pair()
 
 
 PAIR_LAYERS = 4  # MoE layers per chunk in DeepSeek's published F&B profile
@@ -165,10 +183,22 @@ def sm_sweep(cfg: MoEConfig, cluster: ClusterSpec, plan: ParallelPlan, spread: S
 def smallest_hiding_sms(cfg: MoEConfig, cluster: ClusterSpec, plan: ParallelPlan, spread: Spread | None,
                         threshold: float = HIDE_THRESHOLD) -> int | None:
     """The smallest SM count for which a simulated F&B pair hides ``threshold`` of its comm (None if none)."""
-    for pt in sm_sweep(cfg, cluster, plan, spread):
-        if pt.hidden >= threshold:
-            return pt.k
+    for k in range(1, cluster.sms):
+        if _sweep_point(cfg, cluster, plan, spread, k).hidden >= threshold:
+            return k
     return None
+
+
+def link_bound_sms(cfg: MoEConfig, cluster: ClusterSpec, plan: ParallelPlan, spread: Spread) -> int:
+    """The smallest comm SM count at which dispatch and combine run at link speed: more SMs cannot make a
+    transfer faster, they only take SMs from compute (what a schedule that does not overlap wants)."""
+    cb = comm_bytes(cfg, plan.micro_batch * plan.seq_len, spread, plan.fp8_dispatch)
+    need = 1
+    for intra, inter in ((cb.dispatch_intra, cb.dispatch_inter), (cb.combine_intra, cb.combine_inter)):
+        link = transfer_time(intra, inter, cluster, 1).link
+        if link > 0:
+            need = max(need, math.ceil((intra + inter) / (link * cluster.comm_gbps_per_sm * 1e9) - 1e-9))
+    return min(need, cluster.sms - 1)
 
 
 def _partition(costs: list[float], parts: int) -> list[int]:
@@ -202,6 +232,11 @@ def _partition(costs: list[float], parts: int) -> list[int]:
     return out
 
 
+@lru_cache(maxsize=4096)
+def _partition_cached(costs: tuple[float, ...], parts: int) -> tuple[int, ...]:
+    return tuple(_partition(list(costs), parts))
+
+
 def _sums(costs: list[float], sizes: list[int]) -> list[float]:
     out, i = [], 0
     for s in sizes:
@@ -210,24 +245,32 @@ def _sums(costs: list[float], sizes: list[int]) -> list[float]:
     return out
 
 
-def plan(model: MoEConfig | str, cluster: ClusterSpec | str, parallel: ParallelPlan) -> PlanResult:
-    """Predict one training step of ``model`` on ``cluster`` laid out as ``parallel``.
+class LayerCosts(NamedTuple):
+    """Per-layer costs of one micro-batch, shared by every plan with the same layer-level choices."""
 
-    ``model``: a ``MoEConfig`` or a preset name; ``cluster``: a ``ClusterSpec``, a preset name or a
-    YAML/JSON path. Raises ``ValueError`` for plans that do not fit (EP not dividing the experts, odd
-    PP with DualPipe, more GPUs than the cluster, ...). Pure Python + numpy; 0.1-0.2 s for the
-    2048-GPU DeepSeek-V3 plan.
-    """
-    from .cluster import load_cluster
+    routing: Routing
+    spread: Spread | None
+    k: int  # comm SMs used
+    hide_k: int | None  # smallest k that hides the comm (None: none does / no comm)
+    needs_comm: bool
+    has_moe: bool
+    moe: LayerTimes
+    dense: LayerTimes
+    head: LayerTimes
 
-    cfg = MoEConfig.preset(model) if isinstance(model, str) else model
-    cl = load_cluster(cluster) if isinstance(cluster, str) else cluster
-    res = parallel.resolve(cl, cfg.n_routed_experts)
-    p, dp, n = parallel, res.dp, res.num_microbatches
+
+def layer_costs(cfg: MoEConfig, cl: ClusterSpec, p: ParallelPlan, cache: dict | None = None) -> LayerCosts:
+    """Routing -> spread -> comm SMs -> ``LayerTimes`` of a MoE layer, a dense layer and the head.
+    ``cache`` (a dict) memoises them across plans that share the layer-level choices (the search)."""
+    key = (p.ep, p.micro_batch, p.seq_len, p.routing, p.fp8_dispatch, p.gemm_dtype, p.comm_sms, p.recompute,
+           p.mtp_depth)
+    if cache is not None and key in cache:
+        return cache[key]
     routing = parse_routing(p.routing, cfg.max_nodes_per_token)
     has_moe = cfg.first_k_dense_replace < cfg.num_hidden_layers or p.mtp_depth > 0
     # Histograms also matter at EP = 1 (the imbalance factor); otherwise EP = 1 moves no bytes.
-    spread = expected_spread(routing, cfg.n_routed_experts, cfg.num_experts_per_tok, p.ep, cl.gpus_per_node) \
+    spread = expected_spread(routing, cfg.n_routed_experts, cfg.num_experts_per_tok, p.ep, cl.gpus_per_node,
+                             tokens=p.micro_batch * p.seq_len) \
         if p.ep > 1 or routing.kind == "histogram" else None
     needs_comm = p.ep > 1 and has_moe
     if not needs_comm:
@@ -235,63 +278,255 @@ def plan(model: MoEConfig | str, cluster: ClusterSpec | str, parallel: ParallelP
         if spread is not None and p.ep > 1:
             spread = None  # no MoE layer: nothing to send
     else:
-        hide_k = smallest_hiding_sms(cfg, cl, p, spread)
+        hide_k = _hide_k(cfg, cl, p, spread, key, cache) if p.comm_sms == "auto" else None
         if p.comm_sms != "auto":
             k = p.comm_sms
         else:
             k = hide_k if hide_k is not None else min(sm_sweep(cfg, cl, p, spread), key=lambda t: t.pair_time).k
     tokens = p.micro_batch * p.seq_len
     moe = _moe_layer(cfg, cl, p, spread, k)
-    layer = _layer_report(cfg, cl, p, spread, moe, k, hide_k, needs_comm) if has_moe else None
-
-    # Items in model order: layers (+ MTP blocks), then the output head(s); cut into stages.
     dense = layer_times(cfg, cl, tokens=tokens, seq_len=p.seq_len, dense=True, spread=None,
-                        fp8_dispatch=p.fp8_dispatch, gemm_dtype=p.gemm_dtype, comm_sms=k)
-    items = [dense if i < cfg.first_k_dense_replace else moe for i in range(cfg.num_hidden_layers + p.mtp_depth)]
-    items += [head_times(cfg, cl, tokens=tokens, gemm_dtype=p.gemm_dtype, comm_sms=k)] * (1 + p.mtp_depth)
+                        fp8_dispatch=p.fp8_dispatch, gemm_dtype=p.gemm_dtype, comm_sms=k, recompute=p.recompute)
+    head = head_times(cfg, cl, tokens=tokens, gemm_dtype=p.gemm_dtype, comm_sms=k, recompute=p.recompute)
+    out = LayerCosts(routing, spread, k, hide_k, needs_comm, has_moe, moe, dense, head)
+    if cache is not None:
+        cache[key] = out
+    return out
+
+
+def _hide_k(cfg: MoEConfig, cl: ClusterSpec, p: ParallelPlan, spread: Spread | None, key: tuple,
+            cache: dict | None) -> int | None:
+    hkey = ("hide",) + key[:6] + key[7:]
+    if cache is not None and hkey in cache:
+        return cache[hkey]
+    k = smallest_hiding_sms(cfg, cl, p, spread)
+    if cache is not None:
+        cache[hkey] = k
+    return k
+
+
+class Prepared(NamedTuple):
+    """Everything about a plan short of simulating its pipeline: layer costs, stages, memory, the
+    closed-form DP terms and a lower bound on the step (``search`` uses it to skip simulations)."""
+
+    cfg: MoEConfig
+    cluster: ClusterSpec
+    plan: ParallelPlan
+    dp: int
+    num_microbatches: int
+    lc: LayerCosts
+    sizes: list[int]
+    costs: StageCosts
+    memory: MemoryReport
+    params_per_gpu: float
+    state_bytes: float
+    dp_sync: float
+    optimizer: float
+    p2p: float
+    step_lower_bound: float
+
+
+MODEL_LIMITS = {"num_hidden_layers": 100_000, "n_routed_experts": 1 << 20, "num_experts_per_tok": 1024,
+                "hidden_size": 1 << 24, "vocab_size": 1 << 26}
+
+
+def check_model_sizes(cfg: MoEConfig) -> None:
+    """Refuse model sizes the planner cannot evaluate in seconds (it loops over layers, and the routing
+    model takes binomials of experts choose top-k)."""
+    for name, hi in MODEL_LIMITS.items():
+        v = getattr(cfg, name)
+        if v > hi:
+            raise ValueError(f"MoEConfig.{name} ({v:,}) is over the planner's limit of {hi:,}")
+
+
+def _item_kinds(cfg: MoEConfig, mtp_depth: int) -> list[str]:
+    n_layers = cfg.num_hidden_layers + mtp_depth
+    return ["dense" if i < cfg.first_k_dense_replace else "moe" for i in range(n_layers)] + ["head"] * (1 + mtp_depth)
+
+
+def prepare(model: MoEConfig | str, cluster: ClusterSpec | str, parallel: ParallelPlan,
+            cache: dict | None = None) -> Prepared:
+    """Check ``parallel`` and compute all but the pipeline simulation (see ``plan``)."""
+    from .cluster import load_cluster
+
+    cfg = MoEConfig.preset(model) if isinstance(model, str) else model
+    cl = load_cluster(cluster) if isinstance(cluster, str) else cluster
+    res = parallel.resolve(cl, cfg.n_routed_experts)
+    p, dp, n = parallel, res.dp, res.num_microbatches
+    check_model_sizes(cfg)
+    lc = layer_costs(cfg, cl, p, cache)
+    tokens = p.micro_batch * p.seq_len
+    kinds = _item_kinds(cfg, p.mtp_depth)
+    by_kind = {"dense": lc.dense, "moe": lc.moe, "head": lc.head}
+    items = [by_kind[x] for x in kinds]
     lay = layout(p.schedule, p.pp)
-    # Balance stages on what a layer costs in this schedule: DualPipe(V) hides EP comm under the paired
-    # chunk's compute, 1F1B runs it in series.
-    if p.schedule == "1f1b":
-        weights = [sum(x.seconds for x in lt.forward() + lt.backward(True)) for lt in items]
+    # Balance stages on what a layer costs in this schedule: the overlapped schedules hide EP comm under
+    # the paired chunk's compute, 1F1B and interleaved 1F1B run it in series.
+    if p.schedule in ("1f1b", "interleaved"):
+        w_of = {x: sum(q.seconds for q in lt.forward() + lt.backward(True)) for x, lt in by_kind.items()}
     else:
-        weights = [max(_pair(lt)) for lt in items]
-    sizes = _partition(weights, lay.num_stages)
+        w_of = {x: max(lt.pair()) for x, lt in by_kind.items()}
+    sizes = list(_partition_cached(tuple(w_of[x] for x in kinds), lay.num_stages))
     bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
     costs = StageCosts([items[a:b] for a, b in zip(bounds, bounds[1:])])
     # Consecutive stages sit on different nodes: activations [T, H] in bf16 over the inter-node link.
     p2p = cl.p2p_latency_us * 1e-6 + tokens * cfg.hidden_size * 2 / (cl.internode_gbps * cl.internode_efficiency * 1e9)
-    sim = simulate(p.schedule, p.pp, n, costs, p2p=p2p)
 
-    # The formula's bubble with stage-average costs.
+    # Memory: model state per rank (ZeRO-1) + activations in flight + EP buffers.
+    imb = lc.spread.imbalance if lc.spread is not None else 1.0
+    act = {x: activation_bytes(cfg, dense=x == "dense", gemm_dtype=p.gemm_dtype, recompute=p.recompute,
+                               imbalance=imb) for x in ("dense", "moe")}
+    c = FP8_BYTES if p.gemm_dtype == "fp8" else 2.0
+    head_act = ActivationBytes(2.0 * cfg.vocab_size, c * cfg.hidden_size)  # bf16 logits, cached head input
+    if p.recompute == "full":
+        head_act = ActivationBytes(2.0 * cfg.hidden_size, 0.0, head_act.total)
+    stage_mem = []
+    for a, b in zip(bounds, bounds[1:]):
+        parts = [head_act if kinds[j] == "head" else act[kinds[j]] for j in range(a, b)]
+        stage_mem.append(StageMemory(tokens * sum(x.bf16 for x in parts), tokens * sum(x.cache for x in parts),
+                                     tokens * max(x.working for x in parts)))
+    peaks = peak_activations(p.schedule, p.pp, n, stage_mem)
+    dense_r, expert_r = _params_per_rank(cfg, p, lay, bounds, kinds)
+    edp = dp // p.ep
+    ep_buf = ep_buffer_bytes(cfg, tokens, lc.spread.ranks, p.fp8_dispatch, p.schedule in ("dualpipe", "dualpipev")) \
+        if lc.needs_comm else 0.0
+    per_rank = []
+    for r in range(p.pp):
+        params = dense_r[r] + expert_r[r]
+        opt = STATE_BYTES_SHARDED * (dense_r[r] / dp + expert_r[r] / edp)
+        per_rank.append((STATE_BYTES_REPLICATED * params + opt + peaks[r].total + ep_buf, r, opt))
+    total, rk, opt = max(per_rank)
+    params = dense_r[rk] + expert_r[rk]
+    big = max(stage_mem[st].bf16 + stage_mem[st].cache for (r, _c), (_d, st) in lay.stage_of.items() if r == rk)
+    memory = MemoryReport(weights=2.0 * params, grads=4.0 * params, optimizer=opt, activations=peaks[rk].total,
+                          activations_cache=peaks[rk].cache, ep_buffers=ep_buf, total=total,
+                          capacity=cl.hbm_gb * 1e9, fits=total <= cl.hbm_gb * 1e9,
+                          inflight_microbatches=peaks[rk].total / big if big > 0 else 0.0)
+
+    # ZeRO-1: reduce-scatter gradients + all-gather parameters, bf16, ring over DP (inter-node), not
+    # overlapped; every rank syncs its own parameters at once, so the rank with the most sets the time.
+    link = cl.internode_gbps * cl.internode_efficiency * 1e9 if cl.num_nodes > 1 else \
+        cl.nvlink_gbps * cl.nvlink_efficiency * 1e9
+    dp_sync = max(2 * 2 * (d * (dp - 1) / dp + e * (edp - 1) / edp) / link for d, e in zip(dense_r, expert_r))
+    # AdamW on this rank's optimizer shard: ~28 bytes read+written per parameter at HBM speed.
+    optimizer = max(28 * (d / dp + e / edp) for d, e in zip(dense_r, expert_r)) / \
+        (cl.hbm_tbps * cl.hbm_efficiency * 1e12)
+    lb = _pipeline_lower_bound(p, n, lay, costs, p2p) + dp_sync + optimizer
+    # The rank with the most parameters, for the report (the fullest in memory is ``memory``).
+    dense_p, expert_p = max(zip(dense_r, expert_r), key=lambda de: de[0] + de[1])
+    state = STATE_BYTES_REPLICATED * (dense_p + expert_p) + STATE_BYTES_SHARDED * (dense_p / dp + expert_p / edp)
+    return Prepared(cfg, cl, p, dp, n, lc, sizes, costs, memory, dense_p + expert_p, state, dp_sync, optimizer,
+                    p2p, lb)
+
+
+@lru_cache(maxsize=512)
+def _op_counts(schedule: str, pp: int, n: int) -> tuple[tuple[tuple[tuple, int], ...], ...]:
+    """Per rank: how many times each distinct op (kind, chunk, split, chunk_b) occurs."""
+    out = []
+    for order in rank_orders(schedule, pp, n):
+        c = Counter((op.kind, op.chunk, op.split, op.chunk_b) for op in order)
+        out.append(tuple(sorted(c.items(), key=repr)))
+    return tuple(out)
+
+
+def _pipeline_lower_bound(p: ParallelPlan, n: int, lay: Layout, costs: StageCosts, p2p: float) -> float:
+    """A lower bound on the simulated pipeline time, for the search. Op durations do not depend on when
+    an op starts, so a rank's busy time is exact; it cannot start before the first micro-batch's
+    forward reaches its first stage (``head``); after its last backward, that micro-batch's backward
+    still has to pass every earlier stage of its direction (``tail``), while the rank itself only has
+    the weight-gradient ops left that follow that backward."""
+    best = 0.0
+    for r, (counts, ends) in enumerate(zip(_op_counts(p.schedule, p.pp, n), _ends(p.schedule, p.pp, n))):
+        busy = 0.0
+        for (kind, chunk, split, chunk_b), k in counts:
+            s = lay.stage_of[(r, chunk)][1]
+            sb = lay.stage_of[(r, chunk_b)][1] if chunk_b is not None else None
+            busy += k * costs.op(kind, s, split, sb).duration
+        s0 = lay.stage_of[(r, ends.first_chunk)][1]
+        head = sum(costs.op("F", s, False, None).duration for s in range(s0)) + (p2p if s0 else 0.0)
+        bound = head + busy
+        if ends.last_b_chunk is not None:
+            sl = lay.stage_of[(r, ends.last_b_chunk)][1]
+            # The earlier stages' backwards of that micro-batch: at least their input-gradient part (the
+            # whole backward where the schedule never splits it).
+            split = p.schedule in ("dualpipe", "dualpipev")
+            tail = sum(costs.op("B", s, split, None).duration for s in range(sl)) + (p2p if sl else 0.0)
+            w_after = sum(k * costs.op("W", lay.stage_of[(r, c)][1], False, None).duration for c, k in ends.w_after)
+            bound = max(bound, head + busy - w_after + tail)
+        best = max(best, bound)
+    return best
+
+
+class _Ends(NamedTuple):
+    first_chunk: int  # chunk of the rank's first op (a forward)
+    last_b_chunk: int | None  # backward chunk of its last B / FB op
+    w_after: tuple[tuple[int, int], ...]  # (chunk, count) of the W ops after that last backward
+
+
+@lru_cache(maxsize=512)
+def _ends(schedule: str, pp: int, n: int) -> tuple[_Ends, ...]:
+    out = []
+    for order in rank_orders(schedule, pp, n):
+        queue: list[int] = []
+        last_b, w_after = None, Counter()
+        for op in order:
+            if op.kind in ("B", "FB"):
+                last_b, w_after = (op.chunk if op.kind == "B" else op.chunk_b), Counter()
+                if op.kind == "B" and op.split:
+                    queue.append(op.chunk)
+            elif op.kind == "W":
+                w_after[queue.pop(0)] += 1
+        out.append(_Ends(order[0].chunk, last_b, tuple(sorted(w_after.items()))))
+    return tuple(out)
+
+
+def plan(model: MoEConfig | str, cluster: ClusterSpec | str, parallel: ParallelPlan,
+         cache: dict | None = None) -> PlanResult:
+    """Predict one training step of ``model`` on ``cluster`` laid out as ``parallel``.
+
+    ``model``: a ``MoEConfig`` or a preset name; ``cluster``: a ``ClusterSpec``, a preset name or a
+    YAML/JSON path. Raises ``ValueError`` for plans that cannot run (EP not dividing the experts, odd
+    PP with DualPipe, more GPUs than the cluster, sizes over the ceilings of ``plan/cluster.py``, ...);
+    a plan that runs but does not fit in HBM is returned with ``step.fits_memory`` False. Pure Python
+    + numpy; 0.1-0.2 s for the 2048-GPU DeepSeek-V3 plan.
+    """
+    return finish(prepare(model, cluster, parallel, cache), cache)
+
+
+def finish(pr: Prepared, cache: dict | None = None, give_up_after: float | None = None) -> PlanResult | None:
+    """Simulate a ``Prepared`` plan's pipeline and assemble the ``PlanResult``; None when
+    ``give_up_after`` (seconds of step) is given and the step is certainly longer."""
+    cfg, cl, p, dp, n, lc, costs = pr.cfg, pr.cluster, pr.plan, pr.dp, pr.num_microbatches, pr.lc, pr.costs
+    tokens = p.micro_batch * p.seq_len
+    hide_k = lc.hide_k
+    if hide_k is None and lc.needs_comm and p.comm_sms != "auto":
+        key = (p.ep, p.micro_batch, p.seq_len, p.routing, p.fp8_dispatch, p.gemm_dtype, p.comm_sms, p.recompute,
+               p.mtp_depth)
+        hide_k = _hide_k(cfg, cl, p, lc.spread, key, cache)
+    layer = _layer_report(cfg, cl, p, lc.spread, lc.moe, lc.k, hide_k, lc.needs_comm) if lc.has_moe else None
+    limit = None if give_up_after is None else give_up_after - pr.dp_sync - pr.optimizer
+    sim = simulate(p.schedule, p.pp, n, costs, p2p=pr.p2p, comm_records=cache is None, give_up_after=limit,
+                   records=cache is None)
+    if sim is None:
+        return None
+    lay = layout(p.schedule, p.pp)
     ns = lay.num_stages
     avg = [sum(costs.op(kind, s, split, s).duration for s in range(ns)) / ns
            for kind, split in (("F", False), ("B", True), ("W", False), ("FB", False))]
     formula = bubble_formula(p.schedule, p.pp, *avg)
-
-    dense_p, expert_p = _params_per_gpu(cfg, p, lay, bounds)
-    edp = dp // p.ep
-    # ZeRO-1: reduce-scatter gradients + all-gather parameters, bf16, ring over DP (inter-node), not overlapped.
-    link = cl.internode_gbps * cl.internode_efficiency * 1e9 if cl.num_nodes > 1 else \
-        cl.nvlink_gbps * cl.nvlink_efficiency * 1e9
-    dp_sync = 2 * 2 * (dense_p * (dp - 1) / dp + expert_p * (edp - 1) / edp) / link
-    # AdamW on this rank's optimizer shard: ~28 bytes read+written per parameter at HBM speed.
-    optimizer = 28 * (dense_p / dp + expert_p / edp) / (cl.hbm_tbps * cl.hbm_efficiency * 1e12)
-    # bf16 weights + fp32 gradients on every rank; fp32 master + two bf16 moments sharded (ZeRO-1).
-    memory = (2 + 4) * (dense_p + expert_p) + (4 + 2 + 2) * (dense_p / dp + expert_p / edp)
-    step_time = sim.step_time + dp_sync + optimizer
-
+    step_time = sim.step_time + pr.dp_sync + pr.optimizer
     gpus = p.pp * dp
     tokens_step = dp * n * tokens
     tps = tokens_step / step_time / gpus
     flops = step_flops_per_token(cfg, p.seq_len, p.mtp_depth) * tokens_step
     peak = (cl.fp8_tflops if p.gemm_dtype == "fp8" else cl.bf16_tflops) * 1e12
     busiest = max(range(p.pp), key=lambda r: sim.busy[r])
-    step = StepReport(n, tokens_step, sim.step_time, max(sim.bubble), sim.bubble[busiest], formula, dp_sync,
-                      optimizer, step_time, sim.hidden_fraction, sim.compute_fraction,
+    step = StepReport(n, tokens_step, sim.step_time, max(sim.bubble), sim.bubble[busiest], formula, pr.dp_sync,
+                      pr.optimizer, step_time, sim.hidden_fraction, sim.compute_fraction,
                       flops / (step_time * gpus * peak), flops / (step_time * gpus * cl.bf16_tflops * 1e12),
-                      tps, 1e12 / tps / 3600, dense_p + expert_p, memory / 1e9, memory / 1e9 <= cl.hbm_gb)
-    return PlanResult(cfg, cl, p, dp, routing, spread, layer, step, sizes, sim)
+                      tps, 1e12 / tps / 3600, pr.params_per_gpu, pr.state_bytes / 1e9, pr.memory.fits,
+                      flops / step_time / gpus / 1e12, pr.memory)
+    return PlanResult(cfg, cl, p, dp, lc.routing, lc.spread, layer, step, pr.sizes, sim)
 
 
 def _layer_report(cfg: MoEConfig, cl: ClusterSpec, p: ParallelPlan, spread: Spread | None, moe: LayerTimes, k: int,
@@ -314,26 +549,30 @@ def _layer_report(cfg: MoEConfig, cl: ClusterSpec, p: ParallelPlan, spread: Spre
                        pt.hidden >= HIDE_THRESHOLD, hide_k, pt.hidden, pt.busy)
 
 
-def _params_per_gpu(cfg: MoEConfig, p: ParallelPlan, lay: Layout, bounds: list[int]) -> tuple[float, float]:
-    """(non-expert, expert) parameters on the fullest rank: the stages it holds (two for DualPipe(V))."""
-    n_layers = cfg.num_hidden_layers + p.mtp_depth
+def _params_per_rank(cfg: MoEConfig, p: ParallelPlan, lay: Layout, bounds: list[int],
+                     kinds: list[str]) -> tuple[list[float], list[float]]:
+    """(non-expert, expert-on-this-GPU) parameters of each pipeline rank: the stages it holds (two for
+    DualPipe(V) and interleaved). The embedding sits in the first stage; the MTP heads share the main
+    output head (DeepSeek-V3 sec. 2.2), so only the first head item carries parameters."""
     dense_s, expert_s = [], []
+    first_head = kinds.index("head")
     for a, b in zip(bounds, bounds[1:]):
         d = e = 0.0
         for j in range(a, b):
-            if j < n_layers:
-                x, y = layer_params(cfg, dense=j < cfg.first_k_dense_replace)
-                d, e = d + x, e + y
+            if kinds[j] == "head":
+                d += cfg.hidden_size * cfg.vocab_size if j == first_head else 0.0
             else:
-                d += cfg.hidden_size * cfg.vocab_size  # an output head
+                x, y = layer_params(cfg, dense=kinds[j] == "dense")
+                d, e = d + x, e + y
+        if a == 0:
+            d += cfg.hidden_size * cfg.vocab_size  # embedding
         dense_s.append(d)
         expert_s.append(e)
-    held: dict[int, list[int]] = {}
+    dense_r, expert_r = [0.0] * p.pp, [0.0] * p.pp
     for (r, _c), (_d, st) in lay.stage_of.items():
-        held.setdefault(r, []).append(st)
-    dense_p = max(sum(dense_s[st] for st in sts) for sts in held.values())
-    expert_p = max(sum(expert_s[st] for st in sts) for sts in held.values()) / p.ep
-    return dense_p, expert_p
+        dense_r[r] += dense_s[st]
+        expert_r[r] += expert_s[st] / p.ep
+    return dense_r, expert_r
 
 
 def ep_sweep(model: MoEConfig | str, cluster: ClusterSpec | str, parallel: ParallelPlan,

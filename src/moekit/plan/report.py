@@ -25,8 +25,89 @@ def to_dict(r: PlanResult) -> dict[str, Any]:
         "spread": r.spread._asdict() if r.spread is not None else None,
         "stages": r.stages,
         "layer": layer,
-        "step": r.step._asdict(),
+        "step": {**r.step._asdict(), "memory": r.step.memory._asdict()},
     }
+
+
+def _row(c: Any, best: Any) -> dict[str, Any]:
+    from .search import describe, wall
+
+    r = c.result
+    return {**describe(c.plan), "tokens_per_s_per_gpu": c.tokens_per_s_per_gpu, "step_time": r.step.step_time,
+            "compute": c.compute, "exposed_comm": c.exposed_comm, "bubble": c.bubble, "dp_sync_optimizer": c.dp,
+            "comm_sms_used": r.layer.comm_sms if r.layer else 0,
+            "compute_to_comm": r.layer.compute_to_comm if r.layer else None,
+            "comm_hidden": r.step.comm_hidden, "memory_gb": r.step.memory.total / 1e9,
+            "model_tflops_per_gpu": r.step.model_tflops_per_gpu, "loses_by": wall(c, best)}
+
+
+def search_to_dict(res: Any, best: PlanResult, reference: PlanResult | None = None) -> dict[str, Any]:
+    """The search's ranked list (best first), its memory walls and counts, the best plan in full, and
+    DeepSeek-V3's own plan when it applies; SI units."""
+    from .search import candidate, describe
+
+    first = res.ranked[0]
+    out = {
+        "search": {"candidates": res.candidates, "checked": res.checked, "simulated": res.simulated,
+                   "seconds": res.seconds, "global_batch": res.global_batch},
+        "ranked": [_row(c, first) for c in res.ranked],
+        "memory_walls": [{**describe(w.plan), "bound_tokens_per_s_per_gpu": w.bound_tokens_per_s_per_gpu,
+                          "memory_gb": w.memory_gb, "capacity_gb": w.capacity_gb} for w in res.memory_walls],
+        "best": to_dict(best),
+    }
+    if reference is not None:
+        out["deepseek_v3_plan"] = {**_row(candidate(reference), first), "fits": reference.step.fits_memory}
+    return out
+
+
+def render_search(res: Any, best: PlanResult, reference: PlanResult | None = None, notes: list[str] | None = None,
+                  console: Any = None) -> None:
+    """Print the ranked plans (and why each loses to the first), the memory walls, DeepSeek-V3's plan."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .search import candidate
+
+    if console is None:
+        console = Console()
+        console = Console(width=max(console.width, 150))
+    cl = best.cluster
+    t = Table(title=f"moekit plan: fastest layouts of {cl.num_gpus:,} GPUs ({cl.name}), global batch "
+                    f"{res.global_batch:,} x {best.plan.seq_len} tokens; {res.candidates:,} layouts, "
+                    f"{res.checked:,} checked, {res.simulated} simulated, {res.seconds:.1f} s")
+    for col in ("#", "layout", "k", "routing / dispatch / recompute", "tok/s/GPU", "comp:comm", "hidden",
+                "bubble s", "exposed s", "GB", "loses by"):
+        t.add_column(col, justify="left" if col in ("layout", "routing / dispatch / recompute", "loses by")
+                     else "right")
+    first = res.ranked[0]
+    rows = [(str(i + 1), c) for i, c in enumerate(res.ranked)]
+    if reference is not None:
+        rows.append(("DeepSeek", candidate(reference)))
+    for tag, c in rows:
+        d = _row(c, first)
+        p = c.plan
+        t.add_row(tag, f"PP{p.pp} EP{p.ep} DP{c.result.dp} {p.schedule} {p.micro_batch}x{p.num_microbatches}",
+                  f"{d['comm_sms_used']}" + ("a" if p.comm_sms == "auto" else ""),
+                  f"{p.routing or '-'} / {'FP8' if p.fp8_dispatch else 'BF16'} / {p.recompute}",
+                  f"{d['tokens_per_s_per_gpu']:,.0f}",
+                  f"{d['compute_to_comm']:.2f}" if d["compute_to_comm"] not in (None, float("inf")) else "-",
+                  f"{d['comm_hidden']:.0%}", f"{d['bubble']:.2f}", f"{d['exposed_comm']:.2f}",
+                  f"{d['memory_gb']:.1f}", d["loses_by"])
+    t.caption = ("k: comm SMs (a = auto, the smallest that hides); comp:comm per MoE layer, forward; hidden: EP "
+                 "comm under compute, whole step; loses by: the part of the busiest rank's step that grew most "
+                 "against #1")
+    console.print(t)
+    if res.memory_walls:
+        w = Table(title="faster on paper, but they do not fit (memory wall)")
+        for col in ("PP x EP x DP", "schedule", "mb", "recompute", "bound tok/s/GPU", "memory GB"):
+            w.add_column(col)
+        for r in res.memory_walls:
+            p = r.plan
+            w.add_row(f"{p.pp} x {p.ep} x {p.dp}", p.schedule, str(p.micro_batch), p.recompute,
+                      f"<= {r.bound_tokens_per_s_per_gpu:,.0f}", f"{r.memory_gb:.1f} > {r.capacity_gb:g}")
+        console.print(w)
+    for n in notes or []:
+        console.print(f"note: {n}")
 
 
 def _si(x: float, unit: str) -> str:
@@ -92,9 +173,13 @@ def render(r: PlanResult, console: Any = None) -> None:
     t.add_row("MFU (of the GEMM dtype's peak) / vs BF16 peak", f"{s.mfu:.1%} / {s.mfu_bf16:.1%}")
     t.add_row("tokens/s per GPU", f"{s.tokens_per_s_per_gpu:,.0f}")
     t.add_row("GPU-hours per trillion tokens", f"{s.gpu_hours_per_trillion_tokens:,.0f}")
+    m = s.memory
     t.add_row("params / weight+grad+optimizer memory per GPU",
-              f"{s.params_per_gpu / 1e9:.2f} B / {s.state_memory_gb:.1f} GB"
-              + ("" if s.fits_memory else f" (> {r.cluster.hbm_gb:g} GB: does not fit)"))
+              f"{s.params_per_gpu / 1e9:.2f} B / {s.state_memory_gb:.1f} GB")
+    t.add_row(f"activations ({m.inflight_microbatches:.1f} micro-batches in flight; FP8/cached part) + EP buffers",
+              f"{m.activations / 1e9:.1f} GB ({m.activations_cache / 1e9:.1f} GB) + {m.ep_buffers / 1e9:.1f} GB")
+    t.add_row(f"memory on the fullest GPU ({r.plan.recompute} recomputation)",
+              f"{m.total / 1e9:.1f} of {r.cluster.hbm_gb:g} GB" + ("" if m.fits else ": does not fit"))
     console.print(t)
 
 

@@ -18,6 +18,7 @@ Models (E experts, k per token, R EP ranks of E/R experts, N nodes of G ranks):
 from __future__ import annotations
 
 import json
+import math
 from math import comb
 from pathlib import Path
 from typing import NamedTuple
@@ -81,19 +82,40 @@ def parse_routing(spec: str | Routing | None, max_nodes_per_token: int | None = 
 
 def load_histogram(path: str | Path) -> np.ndarray:
     """Expert loads, float64 ``[E]`` or ``[layers, E]`` (e.g. ``torch.stack`` of each layer's
-    ``moekit.routing.balance.ExpertLoad.total``, saved with ``torch.save``)."""
-    p = Path(path)
-    if not p.exists():
-        raise ValueError(f"histogram file {str(p)!r} does not exist")
-    if p.suffix == ".npy":
-        a = np.load(p)
-    elif p.suffix == ".pt":
-        import torch
+    ``moekit.routing.balance.ExpertLoad.total``, saved with ``torch.save``). ``ValueError`` naming the
+    file for anything else (missing, a directory, unreadable, not a numeric array, a ``.pt`` that does
+    not hold one tensor)."""
+    from .cluster import read_text_file
 
-        a = torch.load(p, map_location="cpu").double().numpy()
-    else:
-        a = np.asarray(json.loads(p.read_text()), dtype=np.float64)
-    return _check_loads(a)
+    p = Path(path)
+    what = "routing histogram"
+    if not p.exists() or p.is_dir() or p.suffix not in (".npy", ".pt"):
+        text = read_text_file(p, what)
+        try:
+            return _check_loads(np.asarray(json.loads(text), dtype=np.float64))
+        except (json.JSONDecodeError, TypeError, ValueError) as e:
+            raise ValueError(f"{what} {str(p)!r}: expected a JSON list of loads (or a list per layer): "
+                             f"{' '.join(str(e).split())}") from None
+    try:
+        if p.suffix == ".npy":
+            a = np.load(p, allow_pickle=False)
+        else:
+            import torch
+
+            a = torch.load(p, map_location="cpu", weights_only=True)
+            if not isinstance(a, torch.Tensor):
+                raise ValueError(f"holds a {type(a).__name__}, not a tensor")
+            if a.is_complex() or a.dtype == torch.bool:
+                raise ValueError(f"holds a {a.dtype} tensor, not a real one")
+            a = a.detach().double().numpy()
+    except ValueError as e:
+        raise ValueError(f"{what} {str(p)!r}: {' '.join(str(e).split())}") from None
+    except Exception as e:  # unpickling / zip / OS errors: all mean "not a saved array"
+        raise ValueError(f"{what} {str(p)!r}: not a readable {p.suffix} array ({type(e).__name__})") from None
+    try:
+        return _check_loads(a)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{what} {str(p)!r}: {e}") from None
 
 
 def _check_loads(a: np.ndarray) -> np.ndarray:
@@ -110,8 +132,24 @@ def _p_touch(e: int, g: int, k: int) -> float:
     return 1.0 - comb(e - g, k) / comb(e, k)
 
 
-def expected_spread(routing: Routing, num_experts: int, top_k: int, ep: int, gpus_per_node: int) -> Spread:
-    """The fan-out of one token among ``ep`` ranks (``ep/gpus_per_node`` nodes, at least 1)."""
+def sampling_imbalance(tokens: int, top_k: int, ep: int) -> float:
+    """Busiest rank's load / mean when ``tokens`` tokens each pick ``top_k`` experts, balanced in
+    expectation: the per-rank row counts are close to Poisson with mean ``mu = tokens * top_k / ep``, and
+    the largest of ``ep`` such counts is about ``mu + sqrt(2 mu ln ep)`` (the Gaussian extreme-value
+    estimate). A micro-batch is a sample: even perfectly balanced routing leaves its busiest rank
+    ``1 + sqrt(2 ln(ep) / mu)`` times the mean (1.13 for DeepSeek-V3's 4096 tokens on EP64)."""
+    if ep <= 1 or tokens <= 0:
+        return 1.0
+    mu = tokens * top_k / ep
+    return 1.0 + math.sqrt(2.0 * math.log(ep) / mu)
+
+
+def expected_spread(routing: Routing, num_experts: int, top_k: int, ep: int, gpus_per_node: int,
+                    tokens: int | None = None) -> Spread:
+    """The fan-out of one token among ``ep`` ranks (``ep/gpus_per_node`` nodes, at least 1).
+
+    ``tokens``: the micro-batch size; when given, the uniform and node-limited models carry the
+    ``sampling_imbalance`` of that many tokens (a histogram carries its own)."""
     if num_experts % ep:
         raise ValueError(f"ep ({ep}) must divide the number of routed experts ({num_experts})")
     g = min(ep, gpus_per_node)
@@ -143,5 +181,5 @@ def expected_spread(routing: Routing, num_experts: int, top_k: int, ep: int, gpu
         else:
             nodes = n * _p_touch(num_experts, per_node, top_k)
             ranks = ep * _p_touch(num_experts, per_rank, top_k)
-        imbalance = 1.0
+        imbalance = sampling_imbalance(tokens, top_k, ep) if tokens is not None else 1.0
     return Spread(nodes, ranks, nodes * (n - 1) / n, ranks * (g - 1) / g, imbalance)

@@ -22,7 +22,7 @@ from typing import NamedTuple, Protocol
 
 from ..pipeline.timeline import PhaseRecord
 from .cost import LayerTimes, Piece
-from .schedules import layout, rank_orders
+from .schedules import check_schedule, layout, rank_orders
 
 
 class OpTiming(NamedTuple):
@@ -109,22 +109,30 @@ class StageCosts:
         self.stages = [tuple(s) for s in stages]
         self.op = lru_cache(maxsize=None)(self._op)  # type: ignore[method-assign]
 
-    def _fwd(self, s: int) -> list[Piece]:
-        return [p for lt in self.stages[s] for p in lt.forward()]
-
-    def _bwd(self, s: int, with_w: bool) -> list[Piece]:
-        return [p for lt in reversed(self.stages[s]) for p in lt.backward(with_w)]
-
     def _op(self, kind: str, stage: int, split: bool, stage_b: int | None) -> OpTiming:
-        if kind == "F":
-            return two_stream([self._fwd(stage)])
-        if kind == "B":
-            return two_stream([self._bwd(stage, not split)])
-        if kind == "W":
-            t = sum(lt.weight() for lt in self.stages[stage])
-            return OpTiming(t, t, 0.0, 0.0)
-        assert kind == "FB"
-        return two_stream([self._fwd(stage), self._bwd(stage_b, True)])
+        return _stage_op(kind, self.stages[stage], split, self.stages[stage_b] if stage_b is not None else None)
+
+
+@lru_cache(maxsize=65536)
+def _stage_op(kind: str, stage: tuple[LayerTimes, ...], split: bool,
+              stage_b: tuple[LayerTimes, ...] | None) -> OpTiming:
+    """One op's timing from the layers of its stage(s); shared by every plan whose stages hold the same
+    layers (the search builds many)."""
+    def fwd(st: tuple[LayerTimes, ...]) -> list[Piece]:
+        return [p for lt in st for p in lt.forward()]
+
+    def bwd(st: tuple[LayerTimes, ...], with_w: bool) -> list[Piece]:
+        return [p for lt in reversed(st) for p in lt.backward(with_w)]
+
+    if kind == "F":
+        return two_stream([fwd(stage)])
+    if kind == "B":
+        return two_stream([bwd(stage, not split)])
+    if kind == "W":
+        t = sum(lt.weight() for lt in stage)
+        return OpTiming(t, t, 0.0, 0.0)
+    assert kind == "FB"
+    return two_stream([fwd(stage), bwd(stage_b, True)])
 
 
 class SimResult(NamedTuple):
@@ -149,109 +157,140 @@ class SimResult(NamedTuple):
         return sum(self.compute_busy) / (self.step_time * len(self.busy)) if self.step_time > 0 else 0.0
 
 
+@lru_cache(maxsize=64)
+def _compiled(schedule: str, num_ranks: int, num_microbatches: int) -> tuple:
+    """Per rank, each op with its dependencies resolved once: (kind, chunk, split, chunk_b, f_stage,
+    f_dep, f_hop, b_stage, b_dep, b_dep_is_forward, b_hop); stages as (direction, stage)."""
+    lay = layout(schedule, num_ranks)
+    last = lay.num_stages - 1
+    out = []
+    for r, order in enumerate(rank_orders(schedule, num_ranks, num_microbatches)):
+        ops = []
+        for op in order:
+            fs = fdep = bs = bdep = None
+            fhop = bhop = bdep_f = False
+            if op.kind in ("F", "FB"):
+                fs = lay.stage_of[(r, op.chunk)]
+                if fs[1] > 0:
+                    fdep = (fs[0], fs[1] - 1)
+                    fhop = lay.rank_of[fdep][0] != r  # DualPipeV's turn stays on the device
+            if op.kind in ("B", "FB"):
+                bs = lay.stage_of[(r, op.chunk if op.kind == "B" else op.chunk_b)]
+                if bs[1] == last:
+                    bdep, bdep_f = bs, True
+                else:
+                    bdep = (bs[0], bs[1] + 1)
+                    bhop = lay.rank_of[bdep][0] != r
+            ops.append((op.kind, op.chunk, op.split, op.chunk_b, fs, fdep, fhop, bs, bdep, bdep_f, bhop))
+        out.append(tuple(ops))
+    return tuple(out)
+
+
 def simulate(schedule: str, num_ranks: int, num_microbatches: int, costs: CostModel, *,
-             p2p: float = 0.0, comm_records: bool = True) -> SimResult:
+             p2p: float = 0.0, comm_records: bool = True, give_up_after: float | None = None,
+             records: bool = True) -> SimResult | None:
     """Simulate one step of ``schedule`` on ``num_ranks`` pipeline ranks.
 
     ``num_microbatches``: micro-batches of one pipeline (both directions together for DualPipe).
     ``costs.op(kind, stage, split, stage_b)``: timing of one op (``UniformCosts`` or ``StageCosts``).
     ``p2p``: seconds from a stage's output to the next stage's input. Pure Python, no torch;
-    raises ``ValueError`` for impossible schedules (see ``schedules.check_schedule``)."""
+    raises ``ValueError`` for impossible schedules (see ``schedules.check_schedule``).
+    ``give_up_after``: return None as soon as some rank is busy past this time (the step can only be
+    longer; the search uses it to drop a layout that cannot beat the ones it has). ``records``: False
+    leaves ``SimResult.records`` empty (faster)."""
     if p2p < 0:
         raise ValueError(f"p2p must be >= 0, got {p2p}")
-    orders = rank_orders(schedule, num_ranks, num_microbatches)
+    check_schedule(schedule, num_ranks, num_microbatches)
+    prog = _compiled(schedule, num_ranks, num_microbatches)
     lay = layout(schedule, num_ranks)
-    last = lay.num_stages - 1
     f_end: dict[tuple[int, int, int], float] = {}
     b_end: dict[tuple[int, int, int], float] = {}
     ptr = [0] * num_ranks
     t_free = [0.0] * num_ranks
-    n_f = [[0, 0] for _ in range(num_ranks)]
-    n_b = [[0, 0] for _ in range(num_ranks)]
+    chunks = 1 + max(c for _, c in lay.stage_of)
+    n_f = [[0] * chunks for _ in range(num_ranks)]
+    n_b = [[0] * chunks for _ in range(num_ranks)]
     wq: list[deque] = [deque() for _ in range(num_ranks)]
     busy, comp, comm, hidden = ([0.0] * num_ranks for _ in range(4))
-    records: list[PhaseRecord] = []
+    out: list[PhaseRecord] = []
+    timings: dict = {}
 
-    def f_ready(r: int, c: int) -> tuple[float | None, int]:
-        d, s = lay.stage_of[(r, c)]
-        m = n_f[r][c]
-        if s == 0:
-            return 0.0, m
-        t = f_end.get((d, s - 1, m))
-        hop = 0.0 if lay.rank_of[(d, s - 1)][0] == r else p2p  # DualPipeV's turn stays on the device
-        return (None if t is None else t + hop), m
+    def timing_of(kind: str, s: int, split: bool, sb: int | None) -> OpTiming:
+        key = (kind, s, split, sb)
+        t = timings.get(key)
+        if t is None:
+            t = timings[key] = costs.op(kind, s, split, sb)
+        return t
 
-    def b_ready(r: int, c: int) -> tuple[float | None, int]:
-        d, s = lay.stage_of[(r, c)]
-        m = n_b[r][c]
-        if s == last:
-            return f_end.get((d, s, m)), m
-        t = b_end.get((d, s + 1, m))
-        hop = 0.0 if lay.rank_of[(d, s + 1)][0] == r else p2p
-        return (None if t is None else t + hop), m
-
-    remaining = sum(len(o) for o in orders)
+    remaining = sum(len(o) for o in prog)
     while remaining:
         progress = False
         for r in range(num_ranks):
-            order = orders[r]
+            order = prog[r]
+            nf, nb = n_f[r], n_b[r]
             while ptr[r] < len(order):
-                op = order[ptr[r]]
+                kind, chunk, split, chunk_b, fs, fdep, fhop, bs, bdep, bdep_f, bhop = order[ptr[r]]
                 start = t_free[r]
                 mf = mb = None
-                if op.kind in ("F", "FB"):
-                    t, mf = f_ready(r, op.chunk)
+                if fs is not None:
+                    mf = nf[chunk]
+                    if fdep is not None:
+                        t = f_end.get((fdep[0], fdep[1], mf))
+                        if t is None:
+                            break
+                        t += p2p if fhop else 0.0
+                        if t > start:
+                            start = t
+                if bs is not None:
+                    cb = chunk if kind == "B" else chunk_b
+                    mb = nb[cb]
+                    t = (f_end if bdep_f else b_end).get((bdep[0], bdep[1], mb))
                     if t is None:
                         break
-                    start = max(start, t)
-                if op.kind in ("B", "FB"):
-                    cb = op.chunk if op.kind == "B" else op.chunk_b
-                    t, mb = b_ready(r, cb)
-                    if t is None:
-                        break
-                    start = max(start, t)
-                if op.kind == "W":
+                    t += p2p if bhop else 0.0
+                    if t > start:
+                        start = t
+                if kind == "W":
                     wc, wstage, wm = wq[r].popleft()
-                    timing = costs.op("W", wstage, False, None)
-                    rec = PhaseRecord(r, "W", wc, wm, start, start + timing.duration)
-                elif op.kind == "F":
-                    s = lay.stage_of[(r, op.chunk)][1]
-                    timing = costs.op("F", s, False, None)
-                    rec = PhaseRecord(r, "F", op.chunk, mf, start, start + timing.duration)
-                elif op.kind == "B":
-                    s = lay.stage_of[(r, op.chunk)][1]
-                    timing = costs.op("B", s, op.split, None)
-                    if op.split:
-                        wq[r].append((op.chunk, s, mb))
-                    rec = PhaseRecord(r, "B", op.chunk, mb, start, start + timing.duration)
+                    timing = timing_of("W", wstage, False, None)
+                    rec_c, rec_m = wc, wm
+                elif kind == "F":
+                    timing = timing_of("F", fs[1], False, None)
+                    rec_c, rec_m = chunk, mf
+                elif kind == "B":
+                    timing = timing_of("B", bs[1], split, None)
+                    if split:
+                        wq[r].append((chunk, bs[1], mb))
+                    rec_c, rec_m = chunk, mb
                 else:
-                    s = lay.stage_of[(r, op.chunk)][1]
-                    sb = lay.stage_of[(r, op.chunk_b)][1]
-                    timing = costs.op("FB", s, False, sb)
-                    rec = PhaseRecord(r, "FB", op.chunk, mf, start, start + timing.duration, mb, op.chunk_b)
+                    timing = timing_of("FB", fs[1], False, bs[1])
+                    rec_c, rec_m = chunk, mf
                 end = start + timing.duration
                 if mf is not None:
-                    d, s = lay.stage_of[(r, op.chunk)]
-                    f_end[(d, s, mf)] = end
-                    n_f[r][op.chunk] += 1
+                    f_end[(fs[0], fs[1], mf)] = end
+                    nf[chunk] += 1
                 if mb is not None:
-                    cb = op.chunk if op.kind == "B" else op.chunk_b
-                    d, s = lay.stage_of[(r, cb)]
-                    b_end[(d, s, mb)] = end
-                    n_b[r][cb] += 1
-                records.append(rec)
-                if comm_records:
-                    records.extend(PhaseRecord(r, "COMM", rec.chunk, rec.microbatch, start + a, start + b)
+                    b_end[(bs[0], bs[1], mb)] = end
+                    nb[cb] += 1
+                if records:
+                    if kind == "FB":
+                        out.append(PhaseRecord(r, "FB", chunk, mf, start, end, mb, chunk_b))
+                    else:
+                        out.append(PhaseRecord(r, kind, rec_c, rec_m, start, end))
+                    if comm_records:
+                        out.extend(PhaseRecord(r, "COMM", rec_c, rec_m, start + a, start + b)
                                    for a, b in timing.comm_spans)
                 busy[r] += timing.duration
                 comp[r] += timing.compute
                 comm[r] += timing.comm
                 hidden[r] += timing.comm_hidden
                 t_free[r] = end
+                if give_up_after is not None and end > give_up_after:
+                    return None
                 ptr[r] += 1
                 remaining -= 1
                 progress = True
         assert progress, f"schedule {schedule} deadlocked at ops {ptr}"
     assert all(not q for q in wq), "weight-gradient queue not drained"
     step = max(t_free)
-    return SimResult(step, [step - b for b in busy], busy, comp, comm, hidden, records)
+    return SimResult(step, [step - b for b in busy], busy, comp, comm, hidden, out)
