@@ -258,6 +258,44 @@ def _masked_spec(t: Target) -> list[CompileSpec]:
     return _gemm_specs(grouped._grouped_masked_kernel, t, {"mm_ptr": "i32"})
 
 
+# The communication kernels of the symmetric transport (moekit.kernels.comm), with the launchers' choices
+# at DeepSeek-V3's shapes: 20 programs (the SM budget of the DeepSeek-V3 report, section 3.2.2), rows of
+# 7168 bf16 (+ scales, ids, weights) moved as int32 words in blocks of 512.
+_COMM_PROGS = 20
+
+
+@register("moekit.kernels.comm._push_rows_kernel")
+def _push_rows_spec(t: Target) -> CompileSpec:
+    from . import comm
+
+    pointers = {"ptrs_ptr": "i64", "src_ptr": "i32", "idx_ptr": "i64", "off_ptr": "i64"}
+    return CompileSpec(comm._push_rows_kernel, pointers, {"NUM_PROGS": _COMM_PROGS, "BLOCK_R": 4, "BLOCK": 512},
+                       signature={"dst_word_off": "i64", "flag_word_off": "i64"}, div16=("W",))
+
+
+@register("moekit.kernels.comm._wait_flags_kernel")
+def _wait_flags_spec(t: Target) -> CompileSpec:
+    from . import comm
+
+    return CompileSpec(comm._wait_flags_kernel, {"flags_ptr": "i32", "ready_ptr": "i32"}, {"BLOCK": 256})
+
+
+@register("moekit.kernels.comm._notify_kernel")
+def _notify_spec(t: Target) -> CompileSpec:
+    from . import comm
+
+    return CompileSpec(comm._notify_kernel, {"in_rank_ptr": "i1", "pos_ptr": "i32", "counts_ptr": "i64"},
+                       {"NUM_PROGS": _COMM_PROGS, "BLOCK_T": 256})
+
+
+@register("moekit.kernels.comm._combine_kernel")
+def _combine_rows_spec(t: Target) -> CompileSpec:
+    from . import comm
+
+    return CompileSpec(comm._combine_kernel, {"rows_ptr": "bf16", "pos_ptr": "i32", "out_ptr": "fp32"},
+                       {"NUM_PROGS": _COMM_PROGS, "BLOCK_T": 4, "BLOCK": 512}, div16=("row_stride", "WIDTH"))
+
+
 # Jitted helpers that no GPU build contains, and why (they still need a row, and a reason).
 INTERPRETER_ONLY = {
     "moekit.kernels.ptx._round_to_e4m3_grid": "interpreter only: its fp32->e4m3 cast truncates; GPUs convert "
