@@ -46,6 +46,9 @@ class MoE(nn.Module):
         ranks_per_node: the node layout for node-limited routing and the Buffer (default: ``moekit.dist``'s).
         buffer: any object with moekit's ``dispatch``/``combine`` signature (e.g. ``moekit.ep.naive.NaiveBuffer``).
         device, dtype: of the parameters; the gate's bias is always fp32.
+        router: a module to use instead of the DeepSeek-V3 :class:`Gate` (``x [T, H] -> GateOutput``, with an
+            ``e_score_correction_bias`` ``[E]`` for balancing and a ``reset_parameters()``), e.g. a
+            :class:`moekit.routing.routers.LogitsRouter` for the softmax families; it becomes ``self.gate``.
 
     State-dict keys are HF's: ``gate.weight``, ``gate.e_score_correction_bias``,
     ``experts.{i}.{gate,up,down}_proj.weight`` (this rank's i only; :meth:`full_state_dict` gathers all),
@@ -53,7 +56,8 @@ class MoE(nn.Module):
     """
 
     def __init__(self, config: MoEConfig, group: dist.ProcessGroup | None = None, *,
-                 ranks_per_node: int | None = None, buffer: Any = None, device=None, dtype=None):
+                 ranks_per_node: int | None = None, buffer: Any = None, device=None, dtype=None,
+                 router: nn.Module | None = None):
         super().__init__()
         self.config = config
         self.group = group
@@ -64,7 +68,8 @@ class MoE(nn.Module):
         e = config.n_routed_experts
         self.num_local_experts = e // self.ep_size
         self.expert_offset = self.ep_rank * self.num_local_experts
-        self.gate = Gate(config, num_nodes=layout.num_nodes, device=device, dtype=dtype)
+        self.gate = router if router is not None else Gate(config, num_nodes=layout.num_nodes, device=device,
+                                                           dtype=dtype)
         self.experts = RoutedExperts(self.num_local_experts, self.expert_offset, config.hidden_size,
                                      config.moe_intermediate_size, config.expert_backend, device=device, dtype=dtype)
         self.shared_experts = (MLP(config.hidden_size, config.n_shared_experts * config.moe_intermediate_size,
