@@ -113,14 +113,17 @@ def _moe_config(block: nn.Module, arch: Architecture, hf_config: Any, fp8: bool)
     return MoEConfig(**fields)
 
 
-def _make_buffer(group, transport: str):
+def _buffer_kwargs(transport: str) -> dict:
+    """``transport`` for :class:`moekit.Buffer` when that Buffer takes one; "auto" means its default."""
     from ..ep.buffer import Buffer
 
+    if not isinstance(transport, str):
+        raise TypeError(f"transport must be a str, got {type(transport).__name__}")
     if "transport" in inspect.signature(Buffer).parameters:
-        return Buffer(group, transport=transport)
+        return {"transport": transport}
     if transport != "auto":
         raise ValueError(f"transport={transport!r}: this moekit.Buffer has no transport choice; use 'auto'")
-    return Buffer(group)
+    return {}
 
 
 def _blocks(model: nn.Module, arch: Architecture) -> list[tuple[nn.Module, str, nn.Module]]:
@@ -162,7 +165,13 @@ def expert_parallel(model: nn.Module, group: dist.ProcessGroup | None = None, *,
         raise ValueError(f"expert_parallel: no {arch.block} blocks in this {type(model).__name__} (already "
                          f"expert-parallel?)")
     ep_size = mdist.world_size(group)
-    buffer = _make_buffer(group, transport) if ep_size > 1 else None
+    buffer_kw = _buffer_kwargs(transport)
+    if ep_size > 1:
+        from ..ep.buffer import Buffer
+
+        buffer = Buffer(group, **buffer_kw)
+    else:
+        buffer = None
     for parent, name, block in blocks:
         cfg = _moe_config(block, arch, hf_config, bool(fp8))
         cfg.check_ep(ep_size)
