@@ -199,3 +199,31 @@ def test_router_kinds_match_hf_routers():
         w_dense = torch.zeros(64, cfg.n_routed_experts).scatter(1, got.topk_idx, got.topk_weights)
         w_ref = torch.zeros(64, cfg.n_routed_experts).scatter(1, want_idx, want_w.float())
         torch.testing.assert_close(w_dense, w_ref, **TOL, msg=arch)
+
+
+def test_balancing_moves_the_selection_bias():
+    """Aux-loss-free balancing reaches every family: the checkpoint's bias for DeepSeek-V3, a zero one (not in
+    the state dict) for the softmax routers; a moved bias changes the choice, not the weights' source."""
+    from moekit.integrations.transformers import expert_parallel
+    from moekit.moe import moe_layers, update_moe_biases
+
+    for arch in ("deepseek_v3", "qwen3_moe"):
+        model = hf_models.build(arch, seed=4)
+        hf_bias = [m.e_score_correction_bias.clone() for m in model.modules() if type(m).__name__.endswith("Router")
+                   and hasattr(m, "e_score_correction_bias")]
+        keys = set(model.state_dict())
+        expert_parallel(model)
+        layers = moe_layers(model)
+        before = [m.gate.e_score_correction_bias.clone() for m in layers]
+        if arch == "qwen3_moe":
+            assert all(torch.equal(b, torch.zeros_like(b)) for b in before)
+            assert not any("bias" in k for k in set(model.state_dict()) - keys)
+        else:
+            assert len(hf_bias) == len(before) and all(torch.equal(a, b) for a, b in zip(hf_bias, before))
+        model(torch.randint(0, V, (2, 16)))
+        upd = update_moe_biases(model)
+        gamma = layers[0].config.bias_update_speed
+        for m, b in zip(layers, before):
+            step = m.gate.e_score_correction_bias - b
+            assert float(step.abs().max()) == pytest.approx(gamma, rel=1e-3) and (step != 0).any()
+        assert len(upd.imbalance) == len(layers)
