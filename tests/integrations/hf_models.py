@@ -79,13 +79,13 @@ def fp8_block_quant(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, to
     return q.contiguous(), scale.float()
 
 
-def write_fp8_deepseek(root: str, seed: int = 0) -> tuple[str, str]:
+def write_fp8_deepseek(root: str, seed: int = 0, **overrides) -> tuple[str, str]:
     """A DeepSeek-V3 checkpoint whose routed experts are block-FP8 + ``weight_scale_inv`` (expert intermediate
     size 160: a full and a ragged 128-row block), and the same model with those weights dequantized in fp32.
     Returns ``(fp8 dir, dequantized dir)``."""
     from safetensors.torch import load_file, save_file
 
-    src = write("deepseek_v3", os.path.join(root, "fp32"), seed, moe_intermediate_size=160)
+    src = write("deepseek_v3", os.path.join(root, "fp32"), seed, **{"moe_intermediate_size": 160, **overrides})
     fp8_dir, deq_dir = os.path.join(root, "fp8"), os.path.join(root, "dequant")
     for d in (fp8_dir, deq_dir):
         os.makedirs(d)

@@ -227,3 +227,24 @@ def test_balancing_moves_the_selection_bias():
             step = m.gate.e_score_correction_bias - b
             assert float(step.abs().max()) == pytest.approx(gamma, rel=1e-3) and (step != 0).any()
         assert len(upd.imbalance) == len(layers)
+
+
+def test_fp8_checkpoint_through_fp8_grouped_gemm(tmp_path):
+    """fp8=True: the block-FP8 experts run moekit's FP8 grouped GEMM (1x128 activations, 128x128 weights; the
+    torch reference kernels on the CPU) and stay within FP8 error of the dequantized model."""
+    from transformers import AutoModelForCausalLM
+
+    from moekit.benchtools import calc_diff
+    from moekit.integrations.transformers import from_pretrained
+    from moekit.moe import moe_layers
+
+    fp8_dir, deq_dir = hf_models.write_fp8_deepseek(str(tmp_path), seed=3, hidden_size=128, moe_intermediate_size=128)
+    ep = from_pretrained(fp8_dir, fp8=True)
+    assert {m.config.expert_backend for m in moe_layers(ep)} == {"fp8"}
+    deq = AutoModelForCausalLM.from_pretrained(deq_dir).eval()
+    ids = torch.randint(0, V, (2, 9))
+    with torch.no_grad():
+        diff = calc_diff(ep(ids).logits, deq(ids).logits)
+    assert 0 < diff < 3e-3  # activations are quantized too: FP8 error, not zero
+    with pytest.raises(ValueError, match="multiple of 128"):
+        from_pretrained(hf_models.write("mixtral", str(tmp_path)), fp8=True)
