@@ -34,10 +34,13 @@ def _configs():
         # Mixtral: softmax top-2, renormalised; its checkpoints use block_sparse_moe.experts.{i}.w1/w2/w3.
         "mixtral": (tf.MixtralConfig, tf.MixtralForCausalLM, dict(
             attn, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2)),
+        # gpt-oss: biased router, clamped SwiGLU experts with biases, fused [E, H, 2I] weights.
+        "gpt_oss": (tf.GptOssConfig, tf.GptOssForCausalLM, dict(
+            attn, head_dim=16, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, sliding_window=8)),
     }
 
 
-ARCHS = ("deepseek_v3", "glm4_moe", "qwen3_moe", "mixtral")
+ARCHS = ("deepseek_v3", "glm4_moe", "qwen3_moe", "mixtral", "gpt_oss")
 
 
 def build(arch: str, seed: int = 0, **overrides):
@@ -49,7 +52,7 @@ def build(arch: str, seed: int = 0, **overrides):
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("mlp.gate.weight"):
+            if name.endswith(("mlp.gate.weight", "mlp.router.weight")):
                 p.copy_(torch.randn(p.shape, generator=g))
             elif "experts" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)

@@ -35,6 +35,7 @@ from ..moe.hf import dequantize_block_fp8
 from ..moe.layer import MoE, is_expert_param
 from ..routing.balance import ExpertLoad
 from ..routing.routers import LogitsRouter, routing_config
+from .gpt_oss import ClampedSwiGLUExperts, TupleOutputMoE
 
 _PROJ = ("gate_proj", "up_proj", "down_proj")
 
@@ -47,7 +48,9 @@ class Architecture:
     rule (:data:`moekit.routing.routers.ROUTER_KINDS`); shared: its shared-experts attribute or None;
     expert_key: regex of a per-expert checkpoint key (groups: layer, expert, projection name) and
     proj_names: the checkpoint's names of (gate, up, down); renames: ``(checkpoint fragment, model
-    fragment)`` pairs for the other keys.
+    fragment)`` pairs for the other keys; experts: ``"swiglu"`` (moekit's ``RoutedExperts``) or
+    ``"clamped_swiglu"`` (gpt-oss's, :mod:`moekit.integrations.gpt_oss`); tuple_output: the block returns
+    ``(hidden_states, routing weights)``.
     """
 
     block: str
@@ -57,6 +60,8 @@ class Architecture:
     expert_key: str
     proj_names: tuple[str, str, str] = _PROJ
     renames: tuple[tuple[str, str], ...] = ()
+    experts: str = "swiglu"
+    tuple_output: bool = False
 
 
 _PER_EXPERT = r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(\w+)\.weight$"
@@ -73,12 +78,13 @@ ARCHITECTURES: dict[str, Architecture] = {
         "MixtralSparseMoeBlock", "gate", "softmax_topk", None,
         r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(\w+)\.weight$", ("w1", "w3", "w2"),
         ((".block_sparse_moe.", ".mlp."),)),
+    # gpt-oss: top-k of the logits, softmax over those k (= softmax_topk renormalised); experts a clamped
+    # SwiGLU with biases, stored fused ([E, H, 2I] interleaved gate/up); the block returns (y, weights).
+    "GptOssForCausalLM": Architecture("GptOssMLP", "router", "softmax_topk", None, r"(?!)",
+                                      experts="clamped_swiglu", tuple_output=True),
 }
 # transformers has these, moekit does not shard them (yet): a clear error rather than a wrong model.
-_UNSUPPORTED = {
-    "GptOssForCausalLM": "its experts are a clamped SwiGLU with biases (swiglu_limit, swiglu_alpha) that "
-                         "moekit's grouped experts do not compute, and its hub checkpoints are MXFP4",
-}
+_UNSUPPORTED: dict[str, str] = {}
 
 
 def architecture_of(model_or_config: Any) -> tuple[str, Architecture]:
@@ -100,7 +106,10 @@ def architecture_of(model_or_config: Any) -> tuple[str, Architecture]:
 
 def _moe_config(block: nn.Module, arch: Architecture, hf_config: Any, fp8: bool) -> MoEConfig:
     router = getattr(block, arch.router)
-    e, h, i = block.experts.down_proj.shape  # HF's fused [E, H, I]
+    if arch.experts == "clamped_swiglu":
+        e, i, h = block.experts.down_proj.shape  # gpt-oss: [E, I, H]
+    else:
+        e, h, i = block.experts.down_proj.shape  # HF's fused [E, H, I]
     fields = routing_config(
         arch.kind, num_experts=e, top_k=router.top_k, hidden_size=h,
         norm_topk_prob=bool(getattr(router, "norm_topk_prob", True)),
@@ -176,11 +185,23 @@ def expert_parallel(model: nn.Module, group: dist.ProcessGroup | None = None, *,
         cfg = _moe_config(block, arch, hf_config, bool(fp8))
         cfg.check_ep(ep_size)
         experts = block.experts
-        moe = MoE(cfg, group, buffer=buffer, device=experts.down_proj.device, dtype=experts.down_proj.dtype,
-                  router=LogitsRouter(getattr(block, arch.router), arch.kind, cfg))
+        dev, dt = experts.down_proj.device, experts.down_proj.dtype
+        moe = (TupleOutputMoE if arch.tuple_output else MoE)(
+            cfg, group, buffer=buffer, device=dev, dtype=dt, router=LogitsRouter(getattr(block, arch.router),
+                                                                                  arch.kind, cfg))
         if arch.shared is not None:
             moe.shared_experts = getattr(block, arch.shared)
-        if experts.down_proj.device.type != "meta":
+        if arch.experts == "clamped_swiglu":
+            moe.experts = ClampedSwiGLUExperts(moe.num_local_experts, moe.expert_offset, cfg.hidden_size,
+                                               cfg.moe_intermediate_size, experts.alpha, experts.limit,
+                                               device=dev, dtype=dt)
+            if dev.type != "meta":
+                lo, n = moe.expert_offset, moe.num_local_experts
+                with torch.no_grad():
+                    for pname in ClampedSwiGLUExperts.PARAMS:
+                        getattr(moe.experts, pname).copy_(getattr(experts, pname)[lo:lo + n])
+                moe.experts.requires_grad_(experts.down_proj.requires_grad)
+        elif dev.type != "meta":
             lo, n, i = moe.expert_offset, moe.num_local_experts, cfg.moe_intermediate_size
             with torch.no_grad():
                 gate_up = experts.gate_up_proj[lo:lo + n]  # [E_loc, 2I, H]: gate rows first (HF chunk(2))
@@ -334,7 +355,7 @@ def from_pretrained(path_or_dir: str, group: dist.ProcessGroup | None = None, *,
     live = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     targets = {k: live[v] for k, v in renamed.items()}
     expert_re = re.compile(arch.expert_key)
-    fused_re = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
+    fused_re = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\w+)$")
     proj_of = dict(zip(arch.proj_names, _PROJ))
     loaded: set[int] = set()
     bytes_read = experts_read = experts_skipped = 0
@@ -388,6 +409,14 @@ def from_pretrained(path_or_dir: str, group: dist.ProcessGroup | None = None, *,
         if m and int(m.group(1)) in moe_by_layer:
             moe = moe_by_layer[int(m.group(1))]
             lo, n, i = moe.expert_offset, moe.num_local_experts, moe.config.moe_intermediate_size
+            if isinstance(moe.experts, ClampedSwiGLUExperts) and m.group(2) in ClampedSwiGLUExperts.PARAMS:
+                put(getattr(moe.experts, m.group(2)), read(key, slice(lo, lo + n)), key)
+                experts_read += n
+                experts_skipped += moe.config.n_routed_experts - n
+                continue
+            if m.group(2) not in ("gate_up_proj", "down_proj"):
+                unexpected.append(key)
+                continue
             value = read(key, slice(lo, lo + n))
             if m.group(2) == "gate_up_proj":
                 put(moe.experts.gate_proj, value[:, :i], key)
@@ -395,6 +424,7 @@ def from_pretrained(path_or_dir: str, group: dist.ProcessGroup | None = None, *,
             else:
                 put(moe.experts.down_proj, value, key)
             experts_read += n
+            experts_skipped += moe.config.n_routed_experts - n
             continue
         target = key
         for a, b in arch.renames:

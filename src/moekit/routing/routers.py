@@ -66,6 +66,8 @@ class LogitsRouter(nn.Module):
     GLM-4.5: loaded from the checkpoint), else a zero buffer of this module (not in the state dict, so the
     model's checkpoint format is unchanged); :func:`moekit.routing.balance.update_bias` moves either.
     ``num_nodes`` serves node-limited routing (``config.max_nodes_per_token``), as in :class:`Gate`.
+    ``last``: the :class:`GateOutput` of the latest forward (for blocks that also return their routing
+    weights, as gpt-oss's does).
     """
 
     def __init__(self, router: nn.Module, kind: str, config: MoEConfig, num_nodes: int = 1):
@@ -82,6 +84,7 @@ class LogitsRouter(nn.Module):
         if not isinstance(own, torch.Tensor):
             dev = next(iter(router.parameters())).device if any(True for _ in router.parameters()) else None
             self.register_buffer("_bias", torch.zeros(config.n_routed_experts, device=dev), persistent=False)
+        self.last: GateOutput | None = None
 
     @property
     def e_score_correction_bias(self) -> torch.Tensor:
@@ -100,7 +103,8 @@ class LogitsRouter(nn.Module):
         logits = out[0] if isinstance(out, (tuple, list)) else out  # [T, E]
         scores = scores_from_logits(logits, self.kind)
         topk_idx, topk_weights = route(scores, self.e_score_correction_bias, self.config, self.num_nodes)
-        return GateOutput(topk_idx, topk_weights, scores)
+        self.last = GateOutput(topk_idx, topk_weights, scores)
+        return self.last
 
     def extra_repr(self) -> str:
         c = self.config
