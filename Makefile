@@ -11,7 +11,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q "$(TORCH_SPEC)"
-	$(VPY) -m pip install -q -e ".[dev]" "$(TORCH_SPEC)"
+	$(VPY) -m pip install -q -e ".[dev,hf]" "$(TORCH_SPEC)"
 	touch $@
 
 venv: $(VENV)/.installed

@@ -46,6 +46,9 @@ class MoE(nn.Module):
         ranks_per_node: the node layout for node-limited routing and the Buffer (default: ``moekit.dist``'s).
         buffer: any object with moekit's ``dispatch``/``combine`` signature (e.g. ``moekit.ep.naive.NaiveBuffer``).
         device, dtype: of the parameters; the gate's bias is always fp32.
+        router: a module to use instead of the DeepSeek-V3 :class:`Gate` (``x [T, H] -> GateOutput``, with an
+            ``e_score_correction_bias`` ``[E]`` for balancing and a ``reset_parameters()``), e.g. a
+            :class:`moekit.routing.routers.LogitsRouter` for the softmax families; it becomes ``self.gate``.
         timeout: seconds, the bound of every wait of the Buffer this layer creates (``moekit.Buffer``'s
             ``timeout``; default 300 s). Ignored when ``buffer`` is given.
         compute_dtype: dtype of the expert GEMMs (routed and shared), overriding ``config.compute_dtype``:
@@ -63,7 +66,8 @@ class MoE(nn.Module):
 
     def __init__(self, config: MoEConfig, group: dist.ProcessGroup | None = None, *,
                  ranks_per_node: int | None = None, buffer: Any = None, device=None, dtype=None,
-                 timeout: float | None = None, compute_dtype: torch.dtype | str | None = None):
+                 timeout: float | None = None, compute_dtype: torch.dtype | str | None = None,
+                 router: nn.Module | None = None):
         super().__init__()
         if compute_dtype is not None:
             config = config.replace(compute_dtype=compute_dtype)
@@ -76,7 +80,8 @@ class MoE(nn.Module):
         e = config.n_routed_experts
         self.num_local_experts = e // self.ep_size
         self.expert_offset = self.ep_rank * self.num_local_experts
-        self.gate = Gate(config, num_nodes=layout.num_nodes, device=device, dtype=dtype)
+        self.gate = router if router is not None else Gate(config, num_nodes=layout.num_nodes, device=device,
+                                                           dtype=dtype)
         self.experts = RoutedExperts(self.num_local_experts, self.expert_offset, config.hidden_size,
                                      config.moe_intermediate_size, config.expert_backend, device=device, dtype=dtype)
         self.shared_experts = (MLP(config.hidden_size, config.n_shared_experts * config.moe_intermediate_size,
