@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import inspect
 import json
 import os
 import re
@@ -123,16 +122,15 @@ def _moe_config(block: nn.Module, arch: Architecture, hf_config: Any, fp8: bool)
 
 
 def _buffer_kwargs(transport: str) -> dict:
-    """``transport`` for :class:`moekit.Buffer` when that Buffer takes one; "auto" means its default."""
-    from ..ep.buffer import Buffer
+    """``transport`` for :class:`moekit.Buffer`, checked here so that a bad value fails before any module
+    is replaced (the Buffer is built per layer, collectively)."""
+    from ..ep.transport.select import TRANSPORTS
 
     if not isinstance(transport, str):
         raise TypeError(f"transport must be a str, got {type(transport).__name__}")
-    if "transport" in inspect.signature(Buffer).parameters:
-        return {"transport": transport}
-    if transport != "auto":
-        raise ValueError(f"transport={transport!r}: this moekit.Buffer has no transport choice; use 'auto'")
-    return {}
+    if transport not in TRANSPORTS:
+        raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
+    return {"transport": transport}
 
 
 def _blocks(model: nn.Module, arch: Architecture) -> list[tuple[nn.Module, str, nn.Module]]:
@@ -151,8 +149,9 @@ def expert_parallel(model: nn.Module, group: dist.ProcessGroup | None = None, *,
     model: a transformers ``PreTrainedModel`` of a supported architecture (:data:`ARCHITECTURES`), identical
     on every rank (same weights: e.g. loaded from one checkpoint or built with one seed). Its experts may be
     on the ``meta`` device (:func:`from_pretrained` loads them afterwards). group: the EP group (None = the
-    default group, or no distribution). transport: passed to :class:`moekit.Buffer` when it has that
-    argument. fp8: run the routed experts through moekit's FP8 grouped GEMM (``expert_backend="fp8"``:
+    default group, or no distribution). transport: :class:`moekit.Buffer`'s ``transport``
+    (``"auto"`` | ``"collective"`` | ``"symmetric"``). fp8: run the routed experts through moekit's FP8
+    grouped GEMM (``expert_backend="fp8"``:
     H and I multiples of 128); None = off.
 
     Returns ``model`` itself, changed in place: rank r holds experts ``[r*E/R, (r+1)*E/R)`` (parameters
