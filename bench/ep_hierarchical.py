@@ -19,6 +19,7 @@ import torch
 from ep_cpu import device_tag, slowest_median, time_buffer
 from moekit import benchtools
 from moekit.ep import Buffer
+from moekit.ep.handle import dispatch_row_format
 from moekit.ep.naive import NaiveBuffer
 from moekit.testing import spawn
 
@@ -45,7 +46,7 @@ def _rank(rank, world, rpn, tokens, hidden, experts, topk, max_nodes, iters, see
                       ("flat (per token, rank)", Buffer(ranks_per_node=rpn, hierarchical=False)),
                       ("two-stage (per token, node)", Buffer(ranks_per_node=rpn))):
         r = time_buffer(buf, x, idx, w, experts, iters)
-        r["row_bytes"] = buf._dispatch_format(torch.bfloat16, hidden, False, topk, True).row_bytes \
+        r["row_bytes"] = dispatch_row_format(torch.bfloat16, hidden, False, topk, True).row_bytes \
             if isinstance(buf, Buffer) else hidden * 2 + 8
         row[name] = r
     return row

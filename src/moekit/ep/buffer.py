@@ -297,7 +297,7 @@ class Buffer:
         send_counts, send_token = hmod.flat_send_plan(in_rank)
         recv_counts = Chunks(row[hmod.MSG_ROWS] for row in recv_msg)
         hier = hmod.hier_plan(in_rank, recv_msg, lay, self.rank) if self.hierarchical else None
-        fmt = self._dispatch_format(FP8_DTYPE if wire_fp8 else x_dtype, info.hidden, wire_fp8, k, weights)
+        fmt = hmod.dispatch_row_format(FP8_DTYPE if wire_fp8 else x_dtype, info.hidden, wire_fp8, k, weights)
         h = DispatchHandle(
             key=self._key, rank=self.rank, layout=lay, num_experts=e, num_tokens=info.num_tokens,
             hidden=info.hidden, x_dtype=x_dtype, is_token_in_rank=in_rank, num_recv_tokens=sum(recv_counts),
@@ -307,17 +307,6 @@ class Buffer:
             seq=seq)
         # (A layout-driven dispatch returns no recv_topk_idx: its marks travel from the handle.)
         return self._dispatch_data(h, info, fp8, topk_idx if out_idx else None, topk_weights, async_finish)
-
-    @staticmethod
-    def _dispatch_format(dtype: torch.dtype, hidden: int, fp8: bool, k: int, weights: bool) -> RowFormat:
-        spec = [("x", dtype, hidden)]
-        if fp8:
-            spec.append(("scales", torch.float32, num_scale_cols(hidden)))
-        if k:
-            spec.append(("idx", torch.int32, k))
-        if weights:
-            spec.append(("w", torch.float32, k))
-        return RowFormat(spec)
 
     def _handle_status(self, handle, op: str) -> None:
         """Raise the InputError of a ``handle`` that is not a DispatchHandle of this Buffer's layout."""

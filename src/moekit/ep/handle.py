@@ -17,7 +17,21 @@ import dataclasses
 import torch
 
 from ..dist import NodeLayout
+from .fp8 import num_scale_cols
 from .wire import Chunks, RowFormat
+
+
+def dispatch_row_format(dtype: torch.dtype, hidden: int, fp8: bool, k: int, weights: bool) -> RowFormat:
+    """The row of a dispatch: x (``dtype``, ``hidden``), then FP8 scales, int32 expert ids and fp32 weights
+    when present. Every transport and every rank builds it from agreed values only (the bytes must match)."""
+    spec = [("x", dtype, hidden)]
+    if fp8:
+        spec.append(("scales", torch.float32, num_scale_cols(hidden)))
+    if k:
+        spec.append(("idx", torch.int32, k))
+    if weights:
+        spec.append(("w", torch.float32, k))
+    return RowFormat(spec)
 
 
 @dataclasses.dataclass(eq=False)

@@ -19,26 +19,14 @@ from . import handle as hmod
 from .buffer import CombineOutput, DispatchOutput
 from .errors import OK, InputError, dtype_code, meta_mismatch, raise_status
 from .event import EventOverlap
-from .fp8 import FP8_DTYPE, num_scale_cols, quantize_1x128
-from .handle import DispatchHandle
+from .fp8 import FP8_DTYPE, quantize_1x128
+from .handle import DispatchHandle, dispatch_row_format
 from .heap import virtual_heaps
 from .layout import token_ranks, tokens_per_expert
 from .stats import TrafficStats
 from .transport import Comm, Rows
 from .transport.symmetric import DEFAULT_TIMEOUT_S, SymmetricTransport
 from .wire import Chunks, RowFormat
-
-
-def _row_format(dtype: torch.dtype, hidden: int, fp8: bool, k: int, weights: bool) -> RowFormat:
-    # The same fields, in the same order, as a Buffer's dispatch rows (the bytes must match).
-    spec = [("x", dtype, hidden)]
-    if fp8:
-        spec.append(("scales", torch.float32, num_scale_cols(hidden)))
-    if k:
-        spec.append(("idx", torch.int32, k))
-    if weights:
-        spec.append(("w", torch.float32, k))
-    return RowFormat(spec)
 
 
 class VirtualGroup:
@@ -105,7 +93,7 @@ class VirtualGroup:
         for s in range(r):
             info, k, _, wire_fp8, x_dtype = infos[s]
             weights = ws[s] is not None
-            fmt = _row_format(FP8_DTYPE if wire_fp8 else x_dtype, info.hidden, wire_fp8, k, weights)
+            fmt = dispatch_row_format(FP8_DTYPE if wire_fp8 else x_dtype, info.hidden, wire_fp8, k, weights)
             send_counts, send_token = hmod.flat_send_plan(in_rank[s])
             recv_counts = Chunks(sent[src][s] for src in range(r))
             received = sum(pe[s * epr:(s + 1) * epr] for pe in per_expert).tolist()
