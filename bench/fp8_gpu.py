@@ -42,7 +42,7 @@ def F(features: int) -> int:
     """A feature count (N or K), shrunk to 128 or 256 in a dry run."""
     return (256 if features >= 4096 else 128) if DRY else features
 
-# DeepGEMM's published H800 numbers (REFERENCE.md): the goals.
+# DeepGEMM's published H800 numbers (deepseek-ai/DeepGEMM README): the goals.
 DEEPGEMM_SHAPES = [
     (64, 2112, 7168, 206),
     (128, 7168, 16384, 645),

@@ -6,7 +6,7 @@ needs no CPU, so 8 ranks on 2 cores measure the schedules rather than the machin
 
 Per schedule and PP (pipeline stages; DualPipeV runs them on PP/2 ranks) it reports the bubble per
 rank (step time minus that rank's busy time, from the recorded timeline) beside the formula of
-DualPipe's README (REFERENCE.md) and moekit's simulator, the peak number of micro-batch activations
+DualPipe's README (deepseek-ai/DualPipe) and moekit's simulator, the peak number of micro-batch activations
 held per rank beside the table, and the bubble as a ratio to 1F1B's measured in the same run. A
 timeline PNG per schedule goes to ``--png-dir`` (``docs/img`` by default) for ``--png-pp``.
 

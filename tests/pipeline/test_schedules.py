@@ -97,7 +97,7 @@ def test_requirements_have_clear_errors():
 @pytest.mark.parametrize("kind, ranks", [("1f1b", 4), ("1f1b", 8), ("dualpipe", 4), ("dualpipe", 8),
                                          ("dualpipev", 2), ("dualpipev", 4)])
 def test_activation_peaks_match_dualpipe_table(kind, ranks):
-    # Table of REFERENCE.md: 1F1B holds PP micro-batches (on its first rank), DualPipe and DualPipeV PP+1,
+    # The DualPipe README's table: 1F1B holds PP micro-batches (on its first rank), DualPipe and DualPipeV PP+1,
     # where PP is the number of stages (2x the ranks for DualPipeV).
     peaks = [peak_live(program(kind, r, ranks, 20)) for r in range(ranks)]
     if kind == "1f1b":

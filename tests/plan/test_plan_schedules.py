@@ -1,4 +1,4 @@
-"""Schedules and the simulator against REFERENCE.md's bubble formulas (exact in the uniform case)."""
+"""Schedules and the simulator against the DualPipe README's bubble formulas (exact in the uniform case)."""
 
 from collections import Counter
 

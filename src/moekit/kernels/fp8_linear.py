@@ -7,7 +7,7 @@ per-expert segments padded to the contiguous kernel's alignment, multiplied by
 
 Backward runs in the input's dtype with plain torch matmuls, one per non-empty expert, and treats the
 quantization as the identity (straight-through): ``grad_x = grad_out @ W[g]``, ``grad_W[g] = grad_out.T @ x``.
-This is the issue's bf16 backward; DeepSeek-V3 also runs the two backward GEMMs in FP8 (not done here).
+The backward runs in bf16/fp32; DeepSeek-V3 also runs the two backward GEMMs in FP8 (not done here).
 
 Shape legend: M rows (token-expert pairs), K in-features, N out-features, G experts, A = row alignment (128).
 """

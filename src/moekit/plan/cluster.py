@@ -60,9 +60,9 @@ class ClusterSpec:
     hbm_gb: float = 80.0
     # achievable fractions (see docs/planner.md for the figures behind the defaults)
     fp8_gemm_efficiency: float = 0.68  # DeepGEMM on H800, DeepSeek-V3's own GEMM shapes (docs/planner.md)
-    bf16_gemm_efficiency: float = 0.80  # ~790 of 989 TFLOP/s measured on an H200 (REFERENCE.md)
+    bf16_gemm_efficiency: float = 0.80  # ~790 of 989 TFLOP/s: bf16 8192^3 GEMM measured on an H200
     attention_efficiency: float = 0.50  # BF16 attention core (assumed; FlashAttention-class kernels)
-    hbm_efficiency: float = 0.90  # ~4.3 of 4.8 TB/s measured copy on an H200 (REFERENCE.md)
+    hbm_efficiency: float = 0.90  # ~4.3 of 4.8 TB/s: device-to-device copy measured on an H200
     nvlink_efficiency: float = 0.95  # DeepEP intranode 153-158 of ~160 GB/s
     internode_efficiency: float = 0.92  # DeepEP internode 43-46 (first README) .. 58 GB/s of ~50
     comm_gbps_per_sm: float = 10.5  # bytes (IB + NVLink) one SM moves in a comm kernel; see docs

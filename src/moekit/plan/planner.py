@@ -85,7 +85,7 @@ class StepReport(NamedTuple):
     """One training step. Seconds unless named otherwise.
 
     pipeline: simulated makespan of the pipeline; bubble: largest per-rank idle time in it (the
-    quantity of REFERENCE.md's formulas); bubble_busiest: idle time of the busiest rank (what uneven
+    quantity of the DualPipe README's formulas); bubble_busiest: idle time of the busiest rank (what uneven
     stages add shows as bubble - bubble_busiest); bubble_formula: the formula with this plan's
     stage-average F, B, W, F&B and free point-to-point; dp_sync: ZeRO-1
     reduce-scatter + all-gather of bf16 gradients/parameters, not overlapped; optimizer: AdamW update

@@ -18,7 +18,7 @@ chunk) sits in the model — so the simulator can time it. Three schedules:
 - ``dualpipev``: P devices, 2P stages in a V: device r holds stages r and 2P-1-r; the same eight steps
   with (P, r, N) in place of DualPipe's (P/2, min(r, P-1-r), N/2).
 
-Analytic bubbles (REFERENCE.md / the DualPipe README, where B is the *full* backward ``B_in + W``):
+Analytic bubbles (the table of deepseek-ai/DualPipe's README, where B is the *full* backward ``B_in + W``):
 ``1F1B: (P-1)(F+B)``; ``DualPipe: (P/2-1)(F&B + B - 3W)``; ``DualPipeV on P devices:
 (P-1)(F&B + B - 3W)`` (the README's PP there counts the 2P stages). The simulator reproduces them
 exactly as the largest per-rank idle time when stage costs are uniform, point-to-point is free,
@@ -154,7 +154,7 @@ def _interleaved_order(r: int, p: int, n: int) -> list[Op]:
 
 
 def bubble_formula(schedule: str, num_ranks: int, f: float, b: float, w: float, fb: float) -> float:
-    """REFERENCE.md's bubble for uniform stage costs.
+    """The DualPipe README's bubble for uniform stage costs.
 
     ``f``, ``b``, ``w``: forward, input-gradient backward and weight-gradient times of one stage and one
     micro-batch; ``fb``: the time of an overlapped forward + full backward pair. The formulas' B is the
