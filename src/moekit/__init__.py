@@ -15,14 +15,12 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "Buffer": "moekit.ep.buffer",
-    "EventOverlap": "moekit.ep.buffer",
-    "NaiveBuffer": "moekit.ep.naive",
+    "EventOverlap": "moekit.ep.event",
     "MoE": "moekit.moe.layer",
     "Gate": "moekit.routing.gate",
     "rebalance_experts": "moekit.routing.eplb",
     "ClusterSpec": "moekit.plan",
     "ParallelPlan": "moekit.plan",
-    "spawn": "moekit.testing",
 }
 
 __all__ = ["MoEConfig", "__version__", *_LAZY]
