@@ -112,3 +112,40 @@ def test_timeout_and_check_handles_arguments():
         with pytest.raises(TypeError, match="rank 0 of 1: handle must be a DispatchHandle"):
             buf.combine(d.recv_x, None)
         assert torch.equal(buf.combine(d.recv_x, d.handle).combined_x, torch.where(idx >= 0, 1.0, 0.0) * x)
+
+
+def _absent_pipeline_peer(rank, world, timeout):
+    import sys
+    import time
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pipeline"))
+    from pipeline_stages import DTYPE, MB, H, Stage, batch, criterion
+
+    from moekit.ep import PeerTimeout
+    from moekit.pipeline import OneFOneB, set_p2p_tensor_dtype, set_p2p_tensor_shapes
+
+    set_p2p_tensor_shapes([(MB, H)])
+    set_p2p_tensor_dtype(DTYPE)
+    pipe = OneFOneB(Stage(rank), timeout=timeout)
+    if rank == 1:  # alive, but never takes part in the step
+        time.sleep(timeout + 4)
+        return None
+    x, _ = batch(4, 0)
+    t0 = time.monotonic()
+    try:
+        pipe.step(x, num_chunks=4, criterion=criterion, labels=())
+    except PeerTimeout as err:
+        return time.monotonic() - t0, str(err), err.ranks
+    return None
+
+
+def test_pipeline_absent_neighbour_is_a_peer_timeout():
+    # Rank 0's first forward waits for nothing (it sends), its backward waits for rank 1's gradient: the
+    # bounded wait of the pipeline's p2p raises moekit's PeerTimeout naming rank 1, within the timeout.
+    timeout = 2.0
+    res = spawn(_absent_pipeline_peer, 2, timeout, timeout=90)
+    took, msg, ranks = res[0]
+    assert ranks == (1,), msg
+    assert "pipeline step" in msg and "did not arrive" in msg
+    assert timeout <= took < timeout + 20, took

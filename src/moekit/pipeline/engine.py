@@ -50,6 +50,8 @@ class PipelineSchedule(nn.Module):
         process_group: the pipeline's group (default: the world; none needed for a single rank).
         rank_mapping: ``rank_mapping[group_rank]`` is that rank's pipeline rank (default: identity).
         record: keep a ``PhaseRecord`` per op of the last step in ``records``.
+        timeout: seconds, the bound of every host wait on a message of the step (gloo; NCCL: its watchdog);
+            a neighbour that never sends raises ``moekit.ep.PeerTimeout`` naming its pipeline rank.
 
     Subclasses set ``kind`` (see ``schedules.stage_graph``) and ``num_modules``.
     """
@@ -58,8 +60,11 @@ class PipelineSchedule(nn.Module):
     num_modules: int = 2
 
     def __init__(self, modules, batch_dim: int = 0, process_group: dist.ProcessGroup | None = None,
-                 rank_mapping: list[int] | None = None, *, record: bool = False) -> None:
+                 rank_mapping: list[int] | None = None, *, record: bool = False, timeout: float = 300.0) -> None:
         super().__init__()
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < float("inf"):
+            raise ValueError(f"timeout must be a positive, finite number of seconds, got {timeout!r}")
+        self.timeout = float(timeout)  # bound of every host wait on a pipeline message (moekit.ep.PeerTimeout)
         if isinstance(modules, nn.Module) and (self.num_modules == 1
                                                or not isinstance(modules, (nn.ModuleList, nn.Sequential))):
             modules = [modules]
@@ -174,7 +179,7 @@ class PipelineSchedule(nn.Module):
             if strict is None:
                 strict = dist.get_backend(self.group) != "gloo"
             comm = _p2p.P2P(self.group, self.rank, self._group_rank_of, plan.sends, shapes, dtype,
-                            self.device, backward=training, strict=strict)
+                            self.device, backward=training, strict=strict, timeout=self.timeout)
         st = _StepState(training=training, return_outputs=return_outputs, criterion=criterion, p2p=comm,
                         inputs_mb=scatter(inputs, nmb, self.batch_dim) if starts else [],
                         labels_mb=scatter(tuple(labels), nmb, self.batch_dim) if ends else [])

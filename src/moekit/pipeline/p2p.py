@@ -17,6 +17,7 @@ their gradients backward (DeepSeek's DualPipe convention).
 
 from __future__ import annotations
 
+import datetime
 from collections import defaultdict, deque
 
 import torch
@@ -91,8 +92,9 @@ class P2P:
 
     def __init__(self, group, rank: int, group_rank_of: list[int], sends: list[tuple[float, Message]],
                  shapes: list[tuple[int, ...]], dtype: torch.dtype, device: torch.device, backward: bool,
-                 strict: bool = True, recv_ahead: int = 2):
+                 strict: bool = True, recv_ahead: int = 2, timeout: float = 300.0):
         self.group = group
+        self.timeout = timeout  # seconds: every host wait on a message (CPU tensors; NCCL: its watchdog)
         self.strict = strict
         self.recv_ahead = recv_ahead
         self.rank = rank
@@ -144,9 +146,26 @@ class P2P:
         works, bufs = self.posted.pop(key)
         if not self.strict:
             self._advance_loose(peer)  # keep the window of early receives full
-        for w in works:
-            w.wait()
+        self._wait(works, peer, key)
         return bufs
+
+    def _wait(self, works: list, peer: int | None, key) -> None:
+        # Bounded on the host (gloo, CPU tensors): a dead or absent neighbour is moekit's PeerTimeout naming
+        # it, not a hang until the process group's timeout. Device tensors: the stream waits (NCCL's
+        # watchdog bounds those).
+        host = self.device.type == "cpu"
+        for w in works:
+            if not host:
+                w.wait()
+                continue
+            try:
+                w.wait(timeout=datetime.timedelta(seconds=self.timeout))
+            except RuntimeError as err:  # gloo: "Operation timed out!", "Connection reset by peer", ...
+                from ..ep.errors import PeerTimeout  # (lazy: the pipeline does not need moekit.ep otherwise)
+
+                ranks = () if peer is None else (peer,)
+                raise PeerTimeout(f"pipeline step (rank {self.rank} waiting for message {key})", ranks,
+                                  self.timeout, detail=str(err).splitlines()[0][:200]) from err
 
     def _advance(self, peer: int) -> None:
         if not self.strict:
@@ -187,8 +206,7 @@ class P2P:
         keep = []
         for works, tensors in self.in_flight:
             if all(w.is_completed() for w in works):
-                for w in works:
-                    w.wait()
+                self._wait(works, None, "a send")
                 _free(tensors)
             else:
                 keep.append((works, tensors))
@@ -197,8 +215,7 @@ class P2P:
     def finish(self) -> None:
         """Wait for every send; check that every planned message went out and came in."""
         for works, tensors in self.in_flight:
-            for w in works:
-                w.wait()
+            self._wait(works, None, "a send")
             _free(tensors)
         self.in_flight = []
         left = {p: list(q) for p, q in self.plan.items() if q}
