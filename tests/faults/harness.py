@@ -2,7 +2,8 @@
 
 Each case returns, per rank, what it raised (type, message) and how long the failing call took;
 ``run_in_group`` then checks that the group is still usable with a valid dispatch + combine compared
-against the reference. The cases that break the group (a dead or absent peer) run in their own
+against the reference (and, flat, a valid low-latency dispatch + combine). The cases that break the group
+(a dead or absent peer) run in their own
 ``spawn`` (``run_peer``). Used by ``test_faults.py`` and ``bench/faults.py`` (the table of docs/ep.md).
 """
 
@@ -21,6 +22,7 @@ from ep.reference import Case, make_inputs
 from moekit import MoEConfig
 from moekit.ep import Buffer, PeerTimeout
 from moekit.ep import buffer as buffer_mod
+from moekit.ep import low_latency as ll_mod
 from moekit.moe import MoE
 
 WORLD = 4
@@ -110,17 +112,52 @@ def _cases(buf: Buffer, rank: int, world: int, two_stage: bool, bad_rank: int = 
         (Fault("combine vs dispatch", "`combine` on one rank, `dispatch` on the others", "ValueError",
                "ranks call different methods"),
          lambda: buf.combine(cur.recv_x, cur.handle) if bad else buf.dispatch(x, idx, w, e)),
+        (Fault("ll dispatch, allocation fails", "`low_latency_dispatch`: an allocation fails while a rank "
+               "prepares its block (injected OOM in its FP8 cast)", "MemoryError",
+               "OutOfMemoryError: injected: cannot allocate"),
+         lambda: _with_oom(bad, lambda: buf.low_latency_dispatch(x, idx, 8, e), ll_mod, "quantize_1x128")),
+        (Fault("ll combine, allocation fails", "`low_latency_combine`: an allocation fails while a rank "
+               "prepares its block (injected OOM)", "MemoryError", "OutOfMemoryError: injected: cannot allocate"),
+         lambda: _with_oom(bad, lambda: buf.low_latency_combine(ll.recv_x, idx, w, ll.handle), ll_mod,
+                           "_combine_block")),
+        (Fault("ll dispatch vs dispatch", "`low_latency_dispatch` on one rank, `dispatch` on the others",
+               "ValueError", "ranks call different methods"),
+         lambda: buf.low_latency_dispatch(x, idx, 8, e, use_fp8=False) if bad else buf.dispatch(x, idx, w, e)),
+        (Fault("dispatch vs ll dispatch", "`dispatch` on one rank, `low_latency_dispatch` on the others",
+               "ValueError", "ranks call different methods"),
+         lambda: buf.dispatch(x, idx, w, e) if bad else buf.low_latency_dispatch(x, idx, 8, e, use_fp8=False)),
     ]
     if two_stage:  # the same faults on the node-aware path are in the flat list already; keep the stale one
         cases = [c for c in cases if c[0].name.startswith("stale") or c[0].name == "combine(x, None)"]
     return cases
 
 
-def _with_oom(bad: bool, call):
+def _with_oom(bad: bool, call, module=buffer_mod, name="tokens_per_expert"):
     if not bad:
         return call()
-    with _patched(buffer_mod, "tokens_per_expert", _oom):
+    with _patched(module, name, _oom):
         return call()
+
+
+def check_low_latency(buf: Buffer, case: Case, rank: int, world: int) -> None:
+    """A valid low-latency dispatch + combine (no FP8) against a plain reference: the received rows of each
+    local expert (source rank, then token order) and counts, and combine(identity) = Σ_k w[t, k] x[t]."""
+    xs, idxs, ws = make_inputs(case, world)
+    xs = [x.bfloat16() for x in xs]
+    e, t_max = case.num_experts, max(x.shape[0] for x in xs)
+    l = e // world
+    out = buf.low_latency_dispatch(xs[rank], idxs[rank], t_max, e, use_fp8=False)
+    for j in range(l):
+        ex = rank * l + j
+        want = [xs[s][t] for s in range(world) for t in range(xs[s].shape[0]) if ex in idxs[s][t].tolist()]
+        n = len(want)
+        assert int(out.recv_count[j]) == n, (j, int(out.recv_count[j]), n)
+        if n:
+            assert torch.equal(out.recv_x[j, :n], torch.stack(want)), f"low-latency recv_x of expert {ex} differs"
+        assert not out.recv_x[j, n:].any()
+    y = buf.low_latency_combine(out.recv_x, idxs[rank], ws[rank], out.handle).combined_x
+    w = torch.where(idxs[rank] >= 0, ws[rank], 0.0).sum(1, keepdim=True)
+    torch.testing.assert_close(y.float(), xs[rank].float() * w, rtol=2e-2, atol=2e-2)
 
 
 def _outcome(call):
@@ -141,6 +178,8 @@ def run_in_group(rank: int, world: int, two_stage: bool = False, bad_rank: int =
     for i, (fault, call) in enumerate(_cases(buf, rank, world, two_stage, bad_rank)):
         got, dt = _outcome(call)
         check_dispatch_combine(buf, Case([4] * world, 16, 2, 2 * world, "masked", seed=40 + i), rank, world)
+        if not two_stage:
+            check_low_latency(buf, Case([4] * world, 16, 2, 2 * world, "masked", seed=70 + i), rank, world)
         out.append((fault, got, dt, True))
     for fault, call in _layer_cases(rank, world) if bad_rank == BAD else ():
         got, dt = _outcome(call)

@@ -149,3 +149,42 @@ def test_pipeline_absent_neighbour_is_a_peer_timeout():
     assert ranks == (1,), msg
     assert "pipeline step" in msg and "did not arrive" in msg
     assert timeout <= took < timeout + 20, took
+
+
+def _ll_fault_device_protocol(rank, world):
+    """The device-backend protocol (no preflight; statuses in the blocks' headers) run on gloo: an OOM while
+    one rank prepares its low-latency dispatch / combine block is the same MemoryError on every rank."""
+    from ep.reference import Case
+    from moekit.ep import low_latency as ll_mod
+
+    from .harness import _with_oom, check_low_latency
+
+    buf = Buffer(timeout=60.0)
+    buf._ll_host_checks = False
+    x, idx = torch.randn(6, 128), torch.randint(0, 2 * world, (6, 2))
+    w = torch.rand(6, 2)
+    got = []
+    for name in ("quantize_1x128", "_combine_block"):
+        ll = buf.low_latency_dispatch(x.bfloat16(), idx, 8, 2 * world, use_fp8=False)
+        if name == "quantize_1x128":
+            def call():
+                return buf.low_latency_dispatch(x, idx, 8, 2 * world)
+        else:
+            def call(ll=ll):
+                return buf.low_latency_combine(ll.recv_x, idx, w, ll.handle)
+        try:
+            _with_oom(rank == BAD, call, ll_mod, name)
+            got.append(None)
+        except Exception as err:  # noqa: BLE001 - compared in the parent
+            got.append((type(err).__name__, _body(str(err))))
+        check_low_latency(buf, Case([4] * world, 16, 2, 2 * world, "masked", seed=90), rank, world)
+    return got
+
+
+def test_low_latency_exception_device_protocol():
+    results = spawn(_ll_fault_device_protocol, WORLD, timeout=120)
+    for i in range(2):
+        per_rank = {r[i] for r in results}
+        assert len(per_rank) == 1, per_rank
+        (kind, msg), = per_rank
+        assert kind == "MemoryError" and f"rank {BAD} of {WORLD}: MemoryError while preparing" in msg, msg

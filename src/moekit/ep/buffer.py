@@ -171,7 +171,7 @@ class Buffer:
         # Low-latency mode: on a host-check backend the sizes and statuses are exchanged before the block
         # (the host reads everything anyway); on a device backend they travel in the block's header.
         self._low_latency = LowLatencyMode(self._engine, self.stats, self._key, self._msg_device.type == "cpu",
-                                           self._msg_device)
+                                           self._msg_device, self._guard, hmod.msg_width(self.layout.ranks_per_node))
         self._check_handles = self._ll_host_checks if check_handles is None else bool(check_handles)
 
     @property

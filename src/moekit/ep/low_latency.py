@@ -31,6 +31,7 @@ from .checks import FLOAT_DTYPES, check_expert_range, check_float_x, check_num_e
 from .errors import OK, STATUS_INTS, Code, InputError, Status, dtype_code, first_failure, meta_mismatch, raise_status
 from .event import EventOverlap
 from .fp8 import FP8_DTYPE, num_scale_cols, quantize_1x128
+from .guard import ID_INTS, identity_mismatch
 from .stats import TrafficStats, traffic_by_peer
 from .transport import Transfer, Transport
 from .wire import STATUS_BYTES, RowFormat, ints_on
@@ -115,16 +116,22 @@ def _range_status(topk_idx: torch.Tensor, num_experts: int, rank: int) -> torch.
     return torch.where(bad, fail, ok)
 
 
-def _preflight(transport: Transport, op: str, status: Status, sizes: _Sizes | None) -> None:
-    """Host-check backends: exchange status + sizes (fixed size) and raise the same error on every rank."""
-    r = transport.world_size
-    msg = torch.zeros(r, STATUS_INTS + META_INTS, dtype=torch.int64)
+def _preflight(mode: LowLatencyMode, op: str, status: Status, sizes: _Sizes | None) -> None:
+    """Host-check backends: exchange ``[status | sizes | call identity]`` (fixed size, the width of the
+    Buffer's other preflights, so a rank calling another method is reported rather than mismatched) and
+    raise the same error on every rank: a failing rank (with a non-moekit exception's text), another
+    method, or sizes that differ."""
+    r, width = mode.transport.world_size, mode.width
+    msg = torch.zeros(r, width, dtype=torch.int64)
     msg[:, :STATUS_INTS] = torch.tensor(status.ints(), dtype=torch.int64)
     if sizes is not None:
-        msg[:, STATUS_INTS:] = torch.tensor(sizes.meta(), dtype=torch.int64)
-    got = transport.exchange_fixed(msg).tolist()
-    raise_status(op, first_failure(row[:STATUS_INTS] for row in got), r)
-    raise_status(op, meta_mismatch(row[STATUS_INTS:] for row in got), r)
+        msg[:, STATUS_INTS:STATUS_INTS + META_INTS] = torch.tensor(sizes.meta(), dtype=torch.int64)
+    if mode.guard is not None:
+        msg[:, width - ID_INTS:] = torch.tensor(mode.guard.identity(op, 0, 0, mode.key), dtype=torch.int64)
+    got = mode.transport.exchange_fixed(msg).tolist()
+    mode.raise_first(op, [row[:STATUS_INTS] for row in got])
+    raise_status(op, identity_mismatch([row[width - ID_INTS:] for row in got]), r)
+    raise_status(op, meta_mismatch(row[STATUS_INTS:STATUS_INTS + META_INTS] for row in got), r)
 
 
 def _header_rows(num_ints: int, row_bytes: int) -> int:
@@ -156,13 +163,32 @@ class LowLatencyMode:
             block; ``exchange_fixed`` the host-check preflight).
         stats: the Buffer's traffic counters. key: the Buffer's group/layout key (handles carry it).
         host_checks: True on a host-check backend (gloo): sizes and statuses are exchanged before the block.
+        guard: the Buffer's :class:`~moekit.ep.guard.Guard` (status words of any exception, call identity);
+            width: the int64 width of the Buffer's preflight messages (``handle.msg_width``).
     """
 
     def __init__(self, transport: Transport, stats: TrafficStats, key: tuple, host_checks: bool,
-                 msg_device: torch.device):
+                 msg_device: torch.device, guard=None, width: int = STATUS_INTS + META_INTS + ID_INTS):
         self.transport, self.stats, self.key = transport, stats, key
         self.host_checks, self.msg_device = host_checks, msg_device
+        self.guard, self.width = guard, max(int(width), STATUS_INTS + META_INTS + ID_INTS)
         self.sizes: _Sizes | None = None  # sizes of the last valid dispatch (device backends)
+
+    def status_of(self, err: BaseException) -> Status:
+        """This rank's status word for any exception raised while preparing its block (moekit.ep.guard)."""
+        if self.guard is not None:
+            return self.guard.status_of(err)
+        if isinstance(err, InputError):
+            return err.status(self.transport.rank)
+        raise err
+
+    def raise_first(self, op: str, statuses) -> None:
+        """Raise the lowest failing rank's status on every rank. On a host-check backend a non-moekit
+        exception's text follows in one more small exchange (every rank is here); on a device backend
+        the status word alone (its type and rank), to keep the call free of extra host syncs."""
+        if self.guard is not None and self.host_checks:
+            self.guard.raise_first(op, statuses, self.transport)
+        raise_status(op, first_failure(statuses), self.transport.world_size)
 
     def dispatch(self, x, topk_idx, num_max_dispatch_tokens_per_rank: int, num_experts: int, *,
                  use_fp8: bool = True, async_finish: bool = False,
@@ -177,19 +203,64 @@ class LowLatencyMode:
         return _combine(self, x, topk_idx, topk_weights, handle, async_finish, return_recv_hook)
 
 
+def _geometry(sizes: _Sizes, r: int):
+    """(L, row format, header rows, rows per peer block, header ints) of a dispatch of ``sizes``."""
+    l = sizes.num_experts // r
+    fmt = sizes.row_format()
+    n_hdr = STATUS_INTS + META_INTS + l
+    hdr = _header_rows(n_hdr, fmt.row_bytes)
+    return l, fmt, hdr, hdr + l * sizes.capacity, n_hdr
+
+
+def _dispatch_block(mode: LowLatencyMode, x, topk_idx, sizes: _Sizes, round_scale: bool):
+    """This rank's send buffer ``[R * block, row_bytes]`` (header + ``[L, C]`` rows per peer) and its
+    slots ``[T, E]``. Any exception here becomes the rank's status (the caller sends a status block)."""
+    r, rank = mode.transport.world_size, mode.transport.rank
+    l, fmt, hdr, block, n_hdr = _geometry(sizes, r)
+    c, e, rb, device = sizes.capacity, sizes.num_experts, fmt.row_bytes, x.device
+    send = torch.zeros(r * block + 1, rb, dtype=torch.uint8, device=device)  # + a spare row for masked entries
+    head = _header_view(send[:-1], r, block, hdr, n_hdr)  # [R, n_hdr]
+    head[:, STATUS_INTS:STATUS_INTS + META_INTS] = ints_on(sizes.meta(), device)
+    t = x.shape[0]
+    if not mode.host_checks:
+        head[:, :STATUS_INTS] = _range_status(topk_idx, e, rank)  # on the device: no host sync
+    chosen = torch.zeros(t, e + 1, dtype=torch.bool, device=device)
+    chosen.scatter_(1, torch.where((topk_idx >= 0) & (topk_idx < e), topk_idx, e), True)
+    chosen = chosen[:, :e]  # [T, E]
+    slot = torch.cumsum(chosen.long(), 0) - 1  # [T, E]
+    head[:, STATUS_INTS + META_INTS:] = chosen.sum(0).view(r, l)
+    fields = dict(zip(("x", "scales"), quantize_1x128(x.detach(), round_scale))) if sizes.fp8 else {"x": x.detach()}
+    # One copy per (token, k) into its slot; masked (or out-of-range) entries go to the spare last row.
+    # No nonzero(): its output size would need a host sync.
+    valid = (topk_idx >= 0) & (topk_idx < e)
+    ex = torch.where(valid, topk_idx, 0)
+    row = (ex // l) * block + hdr + (ex % l) * c + slot.gather(1, ex)
+    dest_rows = torch.where(valid, row, r * block).flatten()  # [T*K]
+    tok = torch.arange(t, device=device).repeat_interleave(topk_idx.shape[1])
+    views = fmt.views(send)
+    for name, v in fields.items():
+        dst = views[name]
+        if v.dtype == FP8_DTYPE:  # index_copy_ has no float8 kernel: move the bytes
+            dst, v = dst.view(torch.uint8), v.view(torch.uint8)
+        dst.index_copy_(0, dest_rows, v.index_select(0, tok))
+    return send[:-1], slot
+
+
 def _dispatch(mode: LowLatencyMode, x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, use_fp8,
               async_finish, return_recv_hook, round_scale=True) -> LowLatencyDispatchOutput:
     transport = mode.transport
     op, r, rank = "low_latency_dispatch", transport.world_size, transport.rank
-    status, sizes = OK, None
-    try:
+    status, sizes, built = OK, None, None
+    try:  # any exception while preparing this rank's block becomes its status (moekit.ep.guard)
         sizes = _check_dispatch(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, use_fp8, r)
         if mode.host_checks:
             check_expert_range(topk_idx, num_experts)  # one host sync (two scalars): free on the CPU
-    except InputError as err:
-        status = err.status(rank)
+        built = _dispatch_block(mode, x, topk_idx, sizes, round_scale)
+    except Exception as err:  # noqa: BLE001 - reported on every rank (preflight or the block's header)
+        status = mode.status_of(err)
     if mode.host_checks:
-        _preflight(transport, op, status, sizes)  # raises on every rank if any rank failed or sizes differ
+        _preflight(mode, op, status, sizes)  # raises on every rank if any rank failed, called another
+        # method or passed other sizes
     elif sizes is None:
         # Device backend, a rank whose x cannot size the block: it sends a block of the size of its
         # previous call's (what the peers most likely use) and the peers raise from its status.
@@ -199,44 +270,18 @@ def _dispatch(mode: LowLatencyMode, x, topk_idx, num_max_dispatch_tokens_per_ran
     if status.ok:
         mode.sizes = sizes
     hidden, c, e, fp8 = sizes.hidden, sizes.capacity, sizes.num_experts, sizes.fp8
-    l = e // r
-    fmt = sizes.row_format()
+    l, fmt, hdr, block, n_hdr = _geometry(sizes, r)
     rb = fmt.row_bytes
-    n_hdr = STATUS_INTS + META_INTS + l
-    hdr = _header_rows(n_hdr, rb)
-    block = hdr + l * c  # rows per peer
-    device = x.device if isinstance(x, torch.Tensor) else (topk_idx.device if isinstance(topk_idx, torch.Tensor)
-                                                          else mode.msg_device)
-    send = torch.zeros(r * block + 1, rb, dtype=torch.uint8, device=device)  # + a spare row for masked entries
-    head = _header_view(send[:-1], r, block, hdr, n_hdr)  # [R, n_hdr]
-    head[:, STATUS_INTS:STATUS_INTS + META_INTS] = ints_on(sizes.meta(), device)
-    if status.ok:
-        t = x.shape[0]
-        if not mode.host_checks:
-            head[:, :STATUS_INTS] = _range_status(topk_idx, e, rank)  # on the device: no host sync
-        chosen = torch.zeros(t, e + 1, dtype=torch.bool, device=device)
-        chosen.scatter_(1, torch.where((topk_idx >= 0) & (topk_idx < e), topk_idx, e), True)
-        chosen = chosen[:, :e]  # [T, E]
-        slot = torch.cumsum(chosen.long(), 0) - 1  # [T, E]
-        head[:, STATUS_INTS + META_INTS:] = chosen.sum(0).view(r, l)
-        fields = dict(zip(("x", "scales"), quantize_1x128(x.detach(), round_scale))) if fp8 else {"x": x.detach()}
-        # One copy per (token, k) into its slot; masked (or out-of-range) entries go to the spare last row.
-        # No nonzero(): its output size would need a host sync.
-        valid = (topk_idx >= 0) & (topk_idx < e)
-        ex = torch.where(valid, topk_idx, 0)
-        row = (ex // l) * block + hdr + (ex % l) * c + slot.gather(1, ex)
-        dest_rows = torch.where(valid, row, r * block).flatten()  # [T*K]
-        tok = torch.arange(t, device=device).repeat_interleave(topk_idx.shape[1])
-        views = fmt.views(send)
-        for name, v in fields.items():
-            dst = views[name]
-            if v.dtype == FP8_DTYPE:  # index_copy_ has no float8 kernel: move the bytes
-                dst, v = dst.view(torch.uint8), v.view(torch.uint8)
-            dst.index_copy_(0, dest_rows, v.index_select(0, tok))
-    else:
+    if built is not None:
+        send, slot = built
+        device = send.device
+    else:  # this rank failed (device backend): a block of the agreed size carrying only its status word
+        device = mode.msg_device
+        send = torch.zeros(r * block, rb, dtype=torch.uint8, device=device)
+        head = _header_view(send, r, block, hdr, n_hdr)
+        head[:, STATUS_INTS:STATUS_INTS + META_INTS] = ints_on(sizes.meta(), device)
         head[:, :STATUS_INTS] = ints_on(status.ints(), device)
         slot = torch.zeros(0, e, dtype=torch.int64, device=device)
-    send = send[:-1]
     transfer = transport.exchange_blocks(send, block, traffic_by_peer([l * c * rb] * r, transport.layout, rank),
                                          async_op=async_finish or return_recv_hook)
     mode.stats.record(transfer.traffic)
@@ -298,6 +343,30 @@ def _check_combine(x, topk_idx, topk_weights, handle: LowLatencyHandle, num_rank
         raise InputError(Code.DEVICE)
 
 
+def _combine_block(mode: LowLatencyMode, x, topk_idx, handle: LowLatencyHandle, fmt: RowFormat) -> torch.Tensor:
+    """This rank's send buffer of a combine: per peer a status row, then its ``[L, C]`` rows in the fixed
+    block layout. Any exception here becomes the rank's status (the caller sends a status block)."""
+    r, rank = mode.transport.world_size, mode.transport.rank
+    c, e, hidden = handle.capacity, handle.num_experts, handle.hidden
+    l, rb, device = e // r, fmt.row_bytes, handle.counts.device
+    block = 1 + l * c
+    send = torch.zeros(r * block, rb, dtype=torch.uint8, device=device)
+    if not mode.host_checks:
+        st = send.view(r, block, rb)[:, 0, :STATUS_BYTES].view(torch.int64)  # [R, STATUS_INTS]
+        st.copy_(_range_status(topk_idx, e, rank).expand(r, -1))
+    # Back to the fixed block layout [R, L, C, H]: row (s, e, j) = packed row offset[e, s] + j.
+    counts = handle.counts  # [R, L]
+    start = torch.cumsum(counts, 0) - counts  # [R, L]
+    j = torch.arange(c, device=device)
+    valid = j < counts.unsqueeze(2)  # [R, L, C]
+    pos = torch.where(valid, start.unsqueeze(2) + j, 0)
+    rows = x.detach().gather(1, pos.permute(1, 0, 2).reshape(l, r * c, 1).expand(l, r * c, hidden))
+    rows = rows.view(l, r, c, hidden).transpose(0, 1)  # [R, L, C, H]
+    rows = torch.where(valid.unsqueeze(3), rows, torch.zeros((), dtype=rows.dtype, device=device))
+    fmt.views(send)["x"].view(r, block, hidden)[:, 1:].copy_(rows.reshape(r, l * c, hidden))
+    return send
+
+
 def _combine(mode: LowLatencyMode, x, topk_idx, topk_weights, handle, async_finish,
              return_recv_hook) -> LowLatencyCombineOutput:
     transport = mode.transport
@@ -307,34 +376,22 @@ def _combine(mode: LowLatencyMode, x, topk_idx, topk_weights, handle, async_fini
         raise_status(op, Status(int(Code.LL_HANDLE), rank), r)
     c, e, t, hidden = handle.capacity, handle.num_experts, handle.num_tokens, handle.hidden
     l = e // r
-    status = OK
-    try:
-        _check_combine(x, topk_idx, topk_weights, handle, r)
-        if mode.host_checks:
-            check_expert_range(topk_idx, e)
-    except InputError as err:
-        status = err.status(rank)
     device = handle.counts.device
     # Rows travel in the handle's dtype (agreed at dispatch), so every rank's block has one size.
     fmt = RowFormat([("x", handle.x_dtype, hidden)])
     rb, block = fmt.row_bytes, 1 + l * c  # a status row, then [L, C] rows
-    send = torch.zeros(r * block, rb, dtype=torch.uint8, device=device)
-    st = send.view(r, block, rb)[:, 0, :STATUS_BYTES].view(torch.int64)  # [R, STATUS_INTS]
-    if status.ok:
-        if not mode.host_checks:
-            st.copy_(_range_status(topk_idx, e, rank).expand(r, -1))
-        # Back to the fixed block layout [R, L, C, H]: row (s, e, j) = packed row offset[e, s] + j.
-        counts = handle.counts  # [R, L]
-        start = torch.cumsum(counts, 0) - counts  # [R, L]
-        j = torch.arange(c, device=device)
-        valid = j < counts.unsqueeze(2)  # [R, L, C]
-        pos = torch.where(valid, start.unsqueeze(2) + j, 0)
-        rows = x.detach().gather(1, pos.permute(1, 0, 2).reshape(l, r * c, 1).expand(l, r * c, hidden))
-        rows = rows.view(l, r, c, hidden).transpose(0, 1)  # [R, L, C, H]
-        rows = torch.where(valid.unsqueeze(3), rows, torch.zeros((), dtype=rows.dtype, device=device))
-        fmt.views(send)["x"].view(r, block, hidden)[:, 1:].copy_(rows.reshape(r, l * c, hidden))
-    else:
-        st.copy_(ints_on(status.ints(), device).expand(r, -1))
+    status, send = OK, None
+    try:  # any exception while preparing this rank's block becomes its status (moekit.ep.guard)
+        _check_combine(x, topk_idx, topk_weights, handle, r)
+        if mode.host_checks:
+            check_expert_range(topk_idx, e)
+        send = _combine_block(mode, x, topk_idx, handle, fmt)
+    except Exception as err:  # noqa: BLE001 - reported on every rank from the block's status rows
+        status = mode.status_of(err)
+    if send is None:  # a block of the handle's size carrying only this rank's status word
+        send = torch.zeros(r * block, rb, dtype=torch.uint8, device=device)
+        send.view(r, block, rb)[:, 0, :STATUS_BYTES].view(torch.int64).copy_(
+            ints_on(status.ints(), device).expand(r, -1))
     transfer = transport.exchange_blocks(send, block, traffic_by_peer([l * c * rb] * r, transport.layout, rank),
                                          async_op=async_finish or return_recv_hook)
     mode.stats.record(transfer.traffic)
@@ -344,7 +401,7 @@ def _combine(mode: LowLatencyMode, x, topk_idx, topk_weights, handle, async_fini
     @torch.no_grad()
     def finish(back):
         statuses = back.view(r, block, rb)[:, 0, :STATUS_BYTES].view(torch.int64)
-        raise_status(op, first_failure(statuses.tolist()), r)  # host read (GPU: at completion)
+        mode.raise_first(op, statuses.tolist())  # host read (GPU: at completion)
         valid_k = (topk_idx >= 0) & (topk_idx < e)
         ex = torch.where(valid_k, topk_idx, 0)  # [T, K]
         sl = handle.slot.gather(1, ex)  # [T, K]
