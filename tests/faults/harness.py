@@ -17,10 +17,11 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from ep.checks import check_dispatch_combine
+from ep.checks import check_dispatch_combine, check_grads
 from ep.reference import Case, make_inputs
 from moekit import MoEConfig
 from moekit.ep import Buffer, PeerTimeout
+from moekit.ep import autograd as autograd_mod
 from moekit.ep import buffer as buffer_mod
 from moekit.ep import low_latency as ll_mod
 from moekit.moe import MoE
@@ -129,7 +130,35 @@ def _cases(buf: Buffer, rank: int, world: int, two_stage: bool, bad_rank: int = 
     ]
     if two_stage:  # the same faults on the node-aware path are in the flat list already; keep the stale one
         cases = [c for c in cases if c[0].name.startswith("stale") or c[0].name == "combine(x, None)"]
-    return cases
+    return cases + _backward_cases(buf, x, idx, w, e, bad)
+
+
+def _backward_cases(buf: Buffer, x, idx, w, e: int, bad: bool):
+    """Faults inside a backward pass: a gradient of the wrong shape or dtype reaching the backward exchange
+    of one rank (``Backward``, as a custom autograd Function would pass it), an exception while a rank
+    prepares its backward rows (injected OOM during ``loss.backward()``)."""
+    xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    d = buf.dispatch(xg, idx, wg, e)
+    m = d.recv_x.shape[0]
+
+    def backward_oom():
+        xb = x.clone().requires_grad_(True)
+        out = buf.dispatch(xb, idx, w, e)
+        y, _ = buf.combine(out.recv_x.tanh(), out.handle)
+        _with_oom(bad, lambda: y.sum().backward(), autograd_mod, "_check_grad")
+
+    return [
+        (Fault("backward, gradient shape", "a gradient of the wrong shape reaching the dispatch's backward "
+               "exchange (`Backward.combine_grads`)", "ValueError",
+               "the gradient of recv_x must be a floating point ["),
+         lambda: buf._backward.combine_grads(d.handle, torch.ones(m + 1 if bad else m, x.shape[1]), None, x.dtype)),
+        (Fault("backward, gradient dtype", "an int64 gradient reaching the combine's backward exchange "
+               "(`Backward.dispatch_grads`)", "ValueError", "the gradient of combined_x must be a floating point"),
+         lambda: buf._backward.dispatch_grads(d.handle, torch.ones(x.shape, dtype=torch.int64 if bad else x.dtype))),
+        (Fault("backward, allocation fails", "an allocation fails while a rank prepares its backward rows "
+               "(injected OOM in `loss.backward()`)", "MemoryError", "OutOfMemoryError: injected: cannot allocate"),
+         backward_oom),
+    ]
 
 
 def _with_oom(bad: bool, call, module=buffer_mod, name="tokens_per_expert"):
@@ -180,6 +209,8 @@ def run_in_group(rank: int, world: int, two_stage: bool = False, bad_rank: int =
         check_dispatch_combine(buf, Case([4] * world, 16, 2, 2 * world, "masked", seed=40 + i), rank, world)
         if not two_stage:
             check_low_latency(buf, Case([4] * world, 16, 2, 2 * world, "masked", seed=70 + i), rank, world)
+        if fault.name.startswith("backward"):
+            check_grads(buf, Case([4] * world, 16, 2, 2 * world, "masked", seed=80 + i), rank, world)
         out.append((fault, got, dt, True))
     for fault, call in _layer_cases(rank, world) if bad_rank == BAD else ():
         got, dt = _outcome(call)

@@ -167,7 +167,7 @@ class Buffer:
         self.transport = self._engine.name
         self.stats = TrafficStats()
         self._comm_stream = None
-        self._backward = Backward(self._engine, self.stats)
+        self._backward = Backward(self._engine, self.stats, self._guard)
         # Low-latency mode: on a host-check backend the sizes and statuses are exchanged before the block
         # (the host reads everything anyway); on a device backend they travel in the block's header.
         self._low_latency = LowLatencyMode(self._engine, self.stats, self._key, self._msg_device.type == "cpu",
