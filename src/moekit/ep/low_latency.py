@@ -11,13 +11,16 @@ the host. A token is sent once per chosen *expert* (like DeepEP's low-latency ke
 layout is per expert. The receiver packs each expert's rows, ordered by source rank then token, at the
 front of ``recv_x[e]`` (``[L, R * C, H]``); ``recv_count[e]`` says how many are valid (the rest is zero).
 
-Errors (docs/ep.md, "Low-latency mode"): the header's status word makes a bad argument on one rank an
-error on every rank. Arguments that *size* the block (H, C, E, fp8, x's dtype) must agree before the
-block is sent: on a host-check backend (gloo: the host reads everything anyway) a small fixed-size
-exchange of status + sizes precedes the block (it replaces the separate counts exchange of the
-previous design: still two collectives). On a device backend there is no such exchange (it would be a
-host sync): the sizes are trusted, the status words travel in the header and are read on the host when
-the call completes (``hook()`` / ``event.wait()``, or at return without them).
+Errors (docs/ep.md, "Low-latency mode" and "Faults"): the header's status word makes a bad argument on
+one rank an error on every rank; any other exception while a rank prepares its block becomes its status
+word too (``moekit.ep.guard``), so it is the same error on every rank. On a host-check backend the
+preflight also carries the call's identity (a rank calling another method is reported). Arguments that
+*size* the block (H, C, E, fp8, x's dtype) must agree before the block is sent: on a host-check backend
+(gloo: the host reads everything anyway) a small fixed-size exchange of status + sizes precedes the
+block (it replaces the separate counts exchange of the previous design: still two collectives). On a
+device backend there is no such exchange (it would be a host sync): the sizes are trusted, the status
+words travel in the header and are read on the host when the call completes (``hook()`` /
+``event.wait()``, or at return without them).
 """
 
 from __future__ import annotations
