@@ -121,6 +121,10 @@ def _cases(buf: Buffer, rank: int, world: int, two_stage: bool, bad_rank: int = 
                "prepares its block (injected OOM)", "MemoryError", "OutOfMemoryError: injected: cannot allocate"),
          lambda: _with_oom(bad, lambda: buf.low_latency_combine(ll.recv_x, idx, w, ll.handle), ll_mod,
                            "_combine_block")),
+        (Fault("ll combine, sparse x", "`low_latency_combine` with a sparse `x` (torch raises while the rank "
+               "builds its block)", "NotImplementedError", "raised while preparing its part of the call: "
+               "NotImplementedError: Could not run 'aten::gather'"),
+         lambda: buf.low_latency_combine(ll.recv_x.to_sparse() if bad else ll.recv_x, idx, w, ll.handle)),
         (Fault("ll dispatch vs dispatch", "`low_latency_dispatch` on one rank, `dispatch` on the others",
                "ValueError", "ranks call different methods"),
          lambda: buf.low_latency_dispatch(x, idx, 8, e, use_fp8=False) if bad else buf.dispatch(x, idx, w, e)),
