@@ -144,3 +144,21 @@ def test_fp8_backend_within_fp8_error():
     # DeepGEMM's check: 1 - 2*sum(x*y)/sum(x*x+y*y), float64; three chained FP8 GEMMs.
     diff = 1 - 2 * (y * y_ref).sum() / (y * y + y_ref * y_ref).sum()
     assert diff < 5e-3, float(diff)
+
+
+def test_forward_packed_matches_per_row_experts():
+    """The low-latency layout [E_loc, M, H]: expert e's rows at the front of x[e], zeros after."""
+    ex = make_experts(3)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.zeros(3, 6, 16)
+    rows = {0: 4, 1: 0, 2: 6}
+    for e, c in rows.items():
+        x[e, :c] = torch.randn(c, 16, generator=gen)
+    y = ex.forward_packed(x)
+    sd = local_sd(ex)
+    for e, c in rows.items():
+        idx, w = torch.full((c, 1), e), torch.ones(c, 1)
+        torch.testing.assert_close(y[e, :c].double(), reference_experts(x[e, :c], idx, w, sd), rtol=1e-5, atol=1e-5)
+        assert torch.equal(y[e, c:], torch.zeros_like(y[e, c:]))
+    with pytest.raises(ValueError, match="forward_packed"):
+        ex.forward_packed(x[:2])

@@ -160,6 +160,19 @@ class RoutedExperts(nn.Module):
         out = torch.zeros(n, h, dtype=torch.float32, device=x.device).index_add_(0, rows, ys.float())
         return out.to(x.dtype)
 
+    def forward_packed(self, x: torch.Tensor) -> torch.Tensor:
+        """The experts on ``Buffer.low_latency_dispatch``'s layout: x ``[E_loc, M, H]`` (expert e's rows at the
+        front of ``x[e]``, zero rows after) → ``[E_loc, M, H]`` in x's dtype, unweighted (the low-latency
+        combine weights and sums). Batched GEMMs over all M rows of every expert, so no host sync; the zero
+        rows give zero outputs. Torch backend only."""
+        if x.dim() != 3 or x.shape[0] != self.num_local:
+            raise ValueError(f"RoutedExperts.forward_packed: x must be [{self.num_local}, M, H], got {list(x.shape)}")
+        cd = self.gate_proj.dtype if self.compute_dtype is None else self.compute_dtype
+        xc = x.to(cd)
+        wg, wu, wd = (getattr(self, name).to(cd) for name in self._PROJ)
+        hmid = F.silu(torch.bmm(xc, wg.transpose(1, 2))) * torch.bmm(xc, wu.transpose(1, 2))  # [E_loc, M, I]
+        return torch.bmm(hmid, wd.transpose(1, 2)).to(x.dtype)
+
     # --- HF per-expert state-dict keys -------------------------------------------------------------
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         for j in range(self.num_local):
