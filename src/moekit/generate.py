@@ -5,8 +5,9 @@
 Every rank loads the replicated weights and its E/R experts (:func:`moekit.integrations.transformers.
 from_pretrained`) and runs the same batch: the MoE layers exchange the tokens, so every rank must take every
 decode step. Rank 0's next tokens are broadcast each step, so all ranks continue from the same sequence
-whatever rounding the ranks see. gloo on CPU ranks, NCCL when CUDA is there. Decode steps use the normal
-(host-synchronising) dispatch of :class:`moekit.Buffer`, as prefill does.
+whatever rounding the ranks see. gloo on CPU ranks, NCCL when CUDA is there. Prefill uses the normal
+dispatch of :class:`moekit.Buffer`; the decode steps its low-latency dispatch/combine (capacity = the batch,
+no host sync; DeepEP's decoding mode, https://github.com/deepseek-ai/DeepEP#example-use-in-inference-decoding).
 """
 
 from __future__ import annotations
@@ -41,13 +42,15 @@ def _cache_kw(model: nn.Module) -> str:
 
 @torch.no_grad()
 def greedy(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, *, group=None,
-           eos_token_id: int | None = None, progress=None) -> GenerateResult:
+           eos_token_id: int | None = None, progress=None, low_latency: bool = True) -> GenerateResult:
     """Greedy decoding with the model's KV cache.
 
     model: a transformers causal LM (expert-parallel or not); input_ids: ``[B, S]`` int64, the same on every
     rank of ``group``; max_new_tokens: N >= 1. eos_token_id: stop once every row has produced it (rows that
     finished repeat it), decided from rank 0's tokens so that all ranks stop together. progress: a
-    ``rich.progress.Progress`` to advance, or None. One host sync per step (the argmax, the broadcast).
+    ``rich.progress.Progress`` to advance, or None. low_latency: the decode steps (after the prefill) run
+    the MoE layers with ``MoE.low_latency_tokens = B`` (``Buffer.low_latency_dispatch/combine``, where the
+    layer supports it); False: the normal dispatch. One host sync per step (the argmax, the broadcast).
     Returns :class:`GenerateResult`.
     """
     if input_ids.dim() != 2 or input_ids.dtype != torch.int64:
@@ -60,26 +63,42 @@ def greedy(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, *, gr
     task = progress.add_task("decode", total=max_new_tokens) if progress is not None else None
     tokens, step_in, cache = input_ids, input_ids, None
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    from .moe import moe_layers
+
+    layers = moe_layers(model) if low_latency else []
     start = time.perf_counter()
     n = 0
-    while n < max_new_tokens:
-        n += 1
-        out = model(input_ids=step_in, use_cache=True, **{kw: cache})
-        cache = getattr(out, kw, None) if getattr(out, kw, None) is not None else out.past_key_values
-        nxt = out.logits[:, -1].argmax(dim=-1)  # [B]
-        if world > 1:
-            dist.broadcast(nxt, src=src, group=group)
-        if eos_token_id is not None:
-            nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
-            done |= nxt == eos_token_id
-        tokens = torch.cat([tokens, nxt[:, None]], dim=1)
-        step_in = nxt[:, None]
-        if task is not None:
-            progress.advance(task)
-        if eos_token_id is not None and bool(done.all()):
-            break
+    try:
+        while n < max_new_tokens:
+            n += 1
+            if n == 2:  # decode steps: one token per row
+                for m in layers:
+                    m.low_latency_tokens = input_ids.shape[0]
+            tokens, step_in, cache, stop = _step(model, tokens, step_in, cache, kw, done, eos_token_id, world, src,
+                                                 group)
+            if task is not None:
+                progress.advance(task)
+            if stop:
+                break
+    finally:
+        for m in layers:
+            m.low_latency_tokens = None
     seconds = time.perf_counter() - start
     return GenerateResult(tokens, n, seconds, input_ids.shape[0] * n / max(seconds, 1e-9))
+
+
+def _step(model, tokens, step_in, cache, kw, done, eos_token_id, world, src, group):
+    """One greedy step; returns (tokens, next input, cache, whether every row has finished)."""
+    out = model(input_ids=step_in, use_cache=True, **{kw: cache})
+    cache = getattr(out, kw, None) if getattr(out, kw, None) is not None else out.past_key_values
+    nxt = out.logits[:, -1].argmax(dim=-1)  # [B]
+    if world > 1:
+        dist.broadcast(nxt, src=src, group=group)
+    if eos_token_id is not None:
+        nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
+        done |= nxt == eos_token_id
+    tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+    return tokens, nxt[:, None], cache, eos_token_id is not None and bool(done.all())
 
 
 def init_distributed() -> torch.device:

@@ -263,3 +263,53 @@ def test_fp8_checkpoint_through_fp8_grouped_gemm(tmp_path):
     assert 0 < diff < 3e-3  # activations are quantized too: FP8 error, not zero
     with pytest.raises(ValueError, match="multiple of 128"):
         from_pretrained(hf_models.write("mixtral", str(tmp_path)), fp8=True)
+
+
+def _greedy_low_latency(rank, world, path):
+    from transformers import AutoModelForCausalLM
+
+    from moekit.ep.buffer import Buffer
+    from moekit.generate import greedy
+    from moekit.integrations.transformers import from_pretrained
+    from moekit.moe import moe_layers
+
+    ref = AutoModelForCausalLM.from_pretrained(path).eval()
+    ep = from_pretrained(path)
+    calls = {"dispatch": 0, "low_latency_dispatch": 0, "low_latency_combine": 0}
+    buf = moe_layers(ep)[0].buffer
+    def counting(name):
+        f = getattr(buf, name)
+
+        def counted(*a, **k):
+            calls[name] += 1
+            return f(*a, **k)
+        return counted
+
+    for name in calls:  # count this Buffer's calls (all layers share it)
+        setattr(buf, name, counting(name))
+    assert isinstance(buf, Buffer)
+    prompt = torch.randint(0, V, (3, 4), generator=torch.Generator().manual_seed(3))
+    want = ref.generate(prompt, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    layers = len(moe_layers(ep))
+    res = greedy(ep, prompt, 5)
+    got_calls = dict(calls)
+    assert all(m.low_latency_tokens is None for m in moe_layers(ep))  # reset after decoding
+    for name in calls:
+        calls[name] = 0
+    plain = greedy(ep, prompt, 5, low_latency=False)
+    for m in moe_layers(ep):
+        m.low_latency_tokens = 2
+    with torch.no_grad(), pytest.raises(ValueError, match="low_latency_tokens"):  # 3 tokens > capacity 2
+        ep(prompt[:, :1])
+    return (torch.equal(res.tokens, want), torch.equal(plain.tokens, want), got_calls, dict(calls), layers)
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3"])
+def test_greedy_decodes_through_low_latency_dispatch(checkpoints, arch):
+    """Prefill through the normal dispatch, the 4 decode steps through low_latency_dispatch/combine (capacity
+    = the batch of 3): the same greedy tokens as HF's generate, as with low_latency=False."""
+    for same_ll, same_plain, ll_calls, plain_calls, layers in spawn(_greedy_low_latency, 2, checkpoints[arch],
+                                                                      timeout=240):
+        assert same_ll and same_plain
+        assert ll_calls == {"dispatch": layers, "low_latency_dispatch": 4 * layers, "low_latency_combine": 4 * layers}
+        assert plain_calls == {"dispatch": 5 * layers, "low_latency_dispatch": 0, "low_latency_combine": 0}

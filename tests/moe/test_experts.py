@@ -63,6 +63,32 @@ def test_grouped_experts_match_loop(n, k, e, pass_counts, seed):
             torch.testing.assert_close(getattr(ex, name).grad[j].double(), ref_g, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_every_slot_local_sums_in_slot_order(dtype, tol):
+    """No -1 slot (P = N * K): the slot-order fp32 sum, forward and backward, against float64 autograd."""
+    gen = torch.Generator().manual_seed(7)
+    n, k, e = 12, 3, 4
+    ex = make_experts(e, dtype=dtype)
+    x = torch.randn(n, 16, generator=gen).to(dtype).requires_grad_()
+    idx = torch.randint(0, e, (n, k), generator=gen)
+    w = torch.rand(n, k, generator=gen).requires_grad_()
+    y = ex(x, idx, w)
+    assert y.dtype == dtype
+    g = torch.randn(n, 16, generator=gen)
+    (y.float() * g).sum().backward()
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    wts = {name: getattr(ex, name).detach().double().requires_grad_() for name in RoutedExperts._PROJ}
+    hdn = torch.nn.functional.silu(torch.einsum("nh,nkih->nki", x64, wts["gate_proj"][idx])) * \
+        torch.einsum("nh,nkih->nki", x64, wts["up_proj"][idx])
+    ref = torch.einsum("nk,nki,nkhi->nh", w64, hdn, wts["down_proj"][idx])
+    (ref * g.double()).sum().backward()
+    torch.testing.assert_close(y.double(), ref.detach(), rtol=tol, atol=tol)
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=tol, atol=tol)
+    torch.testing.assert_close(w.grad.double(), w64.grad, rtol=tol, atol=tol)
+    for name in RoutedExperts._PROJ:
+        torch.testing.assert_close(getattr(ex, name).grad.double(), wts[name].grad, rtol=tol, atol=tol)
+
+
 def test_all_rows_to_one_expert_and_bf16():
     ex = make_experts(4, dtype=torch.bfloat16)
     x = torch.randn(10, 16, dtype=torch.bfloat16)
@@ -118,3 +144,21 @@ def test_fp8_backend_within_fp8_error():
     # DeepGEMM's check: 1 - 2*sum(x*y)/sum(x*x+y*y), float64; three chained FP8 GEMMs.
     diff = 1 - 2 * (y * y_ref).sum() / (y * y + y_ref * y_ref).sum()
     assert diff < 5e-3, float(diff)
+
+
+def test_forward_packed_matches_per_row_experts():
+    """The low-latency layout [E_loc, M, H]: expert e's rows at the front of x[e], zeros after."""
+    ex = make_experts(3)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.zeros(3, 6, 16)
+    rows = {0: 4, 1: 0, 2: 6}
+    for e, c in rows.items():
+        x[e, :c] = torch.randn(c, 16, generator=gen)
+    y = ex.forward_packed(x)
+    sd = local_sd(ex)
+    for e, c in rows.items():
+        idx, w = torch.full((c, 1), e), torch.ones(c, 1)
+        torch.testing.assert_close(y[e, :c].double(), reference_experts(x[e, :c], idx, w, sd), rtol=1e-5, atol=1e-5)
+        assert torch.equal(y[e, c:], torch.zeros_like(y[e, c:]))
+    with pytest.raises(ValueError, match="forward_packed"):
+        ex.forward_packed(x[:2])

@@ -44,17 +44,24 @@ class MLP(nn.Module):
 
 
 def swiglu_grouped_torch(x: torch.Tensor, counts: list[int], w_gate: torch.Tensor, w_up: torch.Tensor,
-                         w_down: torch.Tensor) -> torch.Tensor:
+                         w_down: torch.Tensor, row_scale: torch.Tensor | None = None) -> torch.Tensor:
     """SwiGLU of contiguous per-expert segments: rows ``[sum(counts[:e]), sum(counts[:e+1]))`` go to expert e.
 
     x: ``[P, H]``; counts: E_loc python ints summing to P; w_gate/w_up: ``[E_loc, I, H]``; w_down:
-    ``[E_loc, H, I]``. Returns ``[P, H]``. Three GEMMs per expert segment, no host sync; empty segments
+    ``[E_loc, H, I]``; row_scale: None or ``[P, 1]`` (fp32, the routing weights), multiplied into the
+    ``[P, I]`` intermediate before down_proj (``down(s * h) = s * down(h)``, 4x fewer elements than scaling
+    the ``[P, H]`` output when H = 4I): the product is fp32, rounded once to x's dtype for the GEMM.
+    Returns ``[P, H]`` in x's dtype. Three GEMMs per expert segment, no host sync; empty segments
     still run (0-row GEMMs), so every expert's weights get a (zero) gradient rather than ``None``.
     """
     # unbind, not w[e]: the backward of E selects would allocate and zero a full [E_loc, ...] gradient each.
     wg, wu, wd = w_gate.unbind(0), w_up.unbind(0), w_down.unbind(0)
-    outs = [F.linear(F.silu(F.linear(seg, wg[e])) * F.linear(seg, wu[e]), wd[e])
-            for e, seg in enumerate(torch.split(x, counts))]
+    segs = torch.split(x, counts)
+    if row_scale is None:
+        outs = [F.linear(F.silu(F.linear(seg, wg[e])) * F.linear(seg, wu[e]), wd[e]) for e, seg in enumerate(segs)]
+    else:
+        outs = [F.linear((F.silu(F.linear(seg, wg[e])) * F.linear(seg, wu[e]) * sc).to(seg.dtype), wd[e])
+                for e, (seg, sc) in enumerate(zip(segs, torch.split(row_scale, counts)))]
     return torch.cat(outs)
 
 
@@ -118,7 +125,11 @@ class RoutedExperts(nn.Module):
         x: ``[N, H]``; topk_idx: ``[N, K']`` int64 *local* expert ids, ``-1`` = not here; topk_weights:
         ``[N, K']`` fp32 (0 where -1); counts: the E_loc per-expert pair counts as python ints (the Buffer's
         ``num_recv_tokens_per_expert_list``), or None to count them here (one host sync).
-        Returns ``[N, H]`` in x's dtype; the weighting and the per-row sum run in fp32.
+        Returns ``[N, H]`` in x's dtype. The per-row sum runs in fp32. The routing weight multiplies the
+        ``[P, I]`` intermediate (fp32 product, see :func:`swiglu_grouped_torch`) on the torch backend, the
+        ``[P, H]`` output in fp32 on the fp8 one. When every slot is local (``P = N * K'``) the pairs are put
+        back in slot order and summed over K' with fp32 accumulation (no fp32 ``[P, H]`` copy); otherwise an
+        fp32 ``index_add_``.
         """
         n, k = topk_idx.shape
         h = x.shape[1]
@@ -134,16 +145,33 @@ class RoutedExperts(nn.Module):
         rows = torch.div(order, k, rounding_mode="floor")
         cd = self.compute_dtype
         xs = x[rows].to(self.gate_proj.dtype if cd is None else cd)  # [P, H], contiguous per-expert segments
+        scale = topk_weights.reshape(-1)[order].float().unsqueeze(1)  # [P, 1]
         if self.backend == "fp8":
             ys = swiglu_grouped_fp8(xs, key[order].to(torch.int32), self.gate_proj, self.up_proj, self.down_proj,
-                                    self._fp8_caches)
+                                    self._fp8_caches).float() * scale
         elif cd is None:
-            ys = swiglu_grouped_torch(xs, counts, self.gate_proj, self.up_proj, self.down_proj)
+            ys = swiglu_grouped_torch(xs, counts, self.gate_proj, self.up_proj, self.down_proj, scale)
         else:  # fp32 master weights, GEMMs in the compute dtype (the casts are differentiable)
-            ys = swiglu_grouped_torch(xs, counts, self.gate_proj.to(cd), self.up_proj.to(cd), self.down_proj.to(cd))
-        ys = ys.float() * topk_weights.reshape(-1)[order].float().unsqueeze(1)
-        out = torch.zeros(n, h, dtype=torch.float32, device=x.device).index_add_(0, rows, ys)
+            ys = swiglu_grouped_torch(xs, counts, self.gate_proj.to(cd), self.up_proj.to(cd), self.down_proj.to(cd),
+                                      scale)
+        if pairs == n * k:  # every slot local: `order` is a permutation of the N*K' slots
+            slots = ys.new_empty(n * k, h).index_copy(0, order, ys)
+            return slots.view(n, k, h).sum(1, dtype=torch.float32).to(x.dtype)
+        out = torch.zeros(n, h, dtype=torch.float32, device=x.device).index_add_(0, rows, ys.float())
         return out.to(x.dtype)
+
+    def forward_packed(self, x: torch.Tensor) -> torch.Tensor:
+        """The experts on ``Buffer.low_latency_dispatch``'s layout: x ``[E_loc, M, H]`` (expert e's rows at the
+        front of ``x[e]``, zero rows after) → ``[E_loc, M, H]`` in x's dtype, unweighted (the low-latency
+        combine weights and sums). Batched GEMMs over all M rows of every expert, so no host sync; the zero
+        rows give zero outputs. Torch backend only."""
+        if x.dim() != 3 or x.shape[0] != self.num_local:
+            raise ValueError(f"RoutedExperts.forward_packed: x must be [{self.num_local}, M, H], got {list(x.shape)}")
+        cd = self.gate_proj.dtype if self.compute_dtype is None else self.compute_dtype
+        xc = x.to(cd)
+        wg, wu, wd = (getattr(self, name).to(cd) for name in self._PROJ)
+        hmid = F.silu(torch.bmm(xc, wg.transpose(1, 2))) * torch.bmm(xc, wu.transpose(1, 2))  # [E_loc, M, I]
+        return torch.bmm(hmid, wd.transpose(1, 2)).to(x.dtype)
 
     # --- HF per-expert state-dict keys -------------------------------------------------------------
     def _save_to_state_dict(self, destination, prefix, keep_vars):

@@ -181,7 +181,15 @@ class MoE(nn.Module):
         with torch.no_grad():
             self.load.record(topk_idx)
         fp8 = self.config.dispatch_fp8
-        if self.buffer is None:
+        cap = self.low_latency_tokens
+        if cap is not None and self._low_latency_ok():
+            if x.shape[0] > cap:
+                raise ValueError(f"MoE: {x.shape[0]} tokens exceed low_latency_tokens ({cap})")
+            # Fixed capacity, no host sync (inference only: the low-latency calls are not differentiable).
+            d = self.buffer.low_latency_dispatch(x, topk_idx, cap, self.config.n_routed_experts, use_fp8=False)
+            expert_out = self.experts.forward_packed(d.recv_x)
+            y = self.buffer.low_latency_combine(expert_out, topk_idx, topk_weights.float(), d.handle).combined_x
+        elif self.buffer is None:
             # No wire at world size 1; with dispatch_fp8 the experts still see the FP8 round trip (same model
             # at any EP size), with a straight-through gradient as over the wire.
             xe = x + (_fp8_round_trip(x) - x).detach() if fp8 else x
@@ -230,6 +238,15 @@ class MoE(nn.Module):
             self.aux_loss = aux.detach()
             y = attach_aux_loss(y, aux)
         return y.view(shape)
+
+    low_latency_tokens: int | None = None
+    """Decode steps (set by ``moekit.generate.greedy``): with a ``moekit.Buffer``, torch experts, no FP8
+    dispatch and no autograd, forwards use ``Buffer.low_latency_dispatch/low_latency_combine`` with this
+    capacity (tokens per rank per forward; more raises ``ValueError``). None (default): the normal dispatch."""
+
+    def _low_latency_ok(self) -> bool:
+        return (self._guarded() and isinstance(self.experts, RoutedExperts) and self.experts.backend == "torch"
+                and not self.config.dispatch_fp8 and not torch.is_grad_enabled())
 
     def _guarded(self) -> bool:
         """Whether this layer's faults travel through its Buffer (a moekit.Buffer, R > 1)."""
