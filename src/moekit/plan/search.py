@@ -35,6 +35,7 @@ import math
 import time
 from typing import NamedTuple
 
+from .._util import cdiv, round_up
 from ..config import MoEConfig
 from .cluster import MAX_SIM_OPS, ClusterSpec, ParallelPlan
 from .cost import layer_params
@@ -104,13 +105,13 @@ def default_global_batch(num_gpus: int) -> int:
 def microbatches_for(schedule: str, pp: int, dp: int, micro_batch: int, global_batch: int) -> int | None:
     """The smallest micro-batch count ``schedule`` accepts that covers ``global_batch`` sequences, or None
     if it would exceed it by more than ``BATCH_SLACK``."""
-    n = -(-global_batch // (dp * micro_batch))
+    n = cdiv(global_batch, dp * micro_batch)
     if schedule == "dualpipe":
         n = max(n + n % 2, 2 * pp)
     elif schedule == "dualpipev":
         n = max(n, 2 * pp)
     elif schedule == "interleaved":
-        n = -(-n // pp) * pp
+        n = round_up(n, pp)
     if n * dp * micro_batch > (1 + BATCH_SLACK) * global_batch:
         return None
     return n
