@@ -37,7 +37,7 @@ from typing import NamedTuple
 
 from .._util import cdiv, round_up
 from ..config import MoEConfig
-from .cluster import MAX_SIM_OPS, ClusterSpec, ParallelPlan
+from .cluster import MAX_SIM_OPS, ClusterSpec, ParallelPlan, load_cluster
 from .cost import layer_params
 from .memory import STATE_BYTES_REPLICATED, STATE_BYTES_SHARDED
 from .planner import PlanResult, check_model_sizes, finish, layer_costs, link_bound_sms, prepare
@@ -265,8 +265,6 @@ def search(model: MoEConfig | str, cluster: ClusterSpec | str, fixed: dict | Non
     """
     if not 0 <= tolerance < 1:
         raise ValueError(f"tolerance must be in [0, 1), got {tolerance}")
-    from .cluster import load_cluster
-
     t0 = time.perf_counter()
     cfg = MoEConfig.preset(model) if isinstance(model, str) else model
     cl = load_cluster(cluster) if isinstance(cluster, str) else cluster
