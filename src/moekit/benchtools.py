@@ -10,6 +10,7 @@ import platform as _py_platform
 import torch
 from rich.table import Table
 
+from . import platform
 from .kernels.reference import calc_diff  # noqa: F401  (DeepGEMM's measure, re-exported for bench/)
 
 
@@ -19,8 +20,6 @@ def today() -> str:
 
 def device_tag(extra: str = "") -> str:
     """``"<device>, <SMs or cores>, torch X, triton Y, <date>"`` (+ ``extra``): the line a result carries."""
-    from . import platform
-
     p = platform.info()
     if p.backend == "cpu":
         where = f"CPU {_py_platform.processor() or _py_platform.machine()}, {os.cpu_count()} cores"

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from ._util import check_positive_int
+
 _SCORING = ("sigmoid", "softmax")
 _BACKENDS = ("torch", "fp8")
 
@@ -52,9 +54,7 @@ class MoEConfig:
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"MoEConfig.{name} must be a positive int, got {v!r}")
+            check_positive_int(f"MoEConfig.{name}", getattr(self, name))
 
         for name in ("hidden_size", "moe_intermediate_size", "intermediate_size", "n_routed_experts",
                      "num_experts_per_tok", "n_group", "topk_group", "num_hidden_layers",
@@ -109,8 +109,7 @@ class MoEConfig:
 
         ``ranks_per_node=None`` means one node (node-limited routing is then a no-op).
         """
-        if not isinstance(ep_size, int) or ep_size < 1:
-            raise ValueError(f"EP size must be a positive int, got {ep_size!r}")
+        check_positive_int("EP size", ep_size)
         if self.n_routed_experts % ep_size != 0:
             raise ValueError(f"MoEConfig.n_routed_experts ({self.n_routed_experts}) must be divisible by the "
                              f"EP size ({ep_size})")

@@ -35,9 +35,6 @@ class PlatformInfo:
     python_version: str
     torch_version: str
 
-    def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
 
 def backend() -> str:
     """``"cuda"``, ``"rocm"`` or ``"cpu"``: where tensors of the default device live."""
@@ -48,10 +45,6 @@ def backend() -> str:
 
 def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 @functools.cache

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from moekit.kernels import per_token_group_quant
+from moekit.kernels.reference import per_token_group_dequant_ref
 
 
 def inputs(seed: int, world: int, tokens: list[int], hidden: int, topk: int, num_experts: int,
@@ -76,4 +77,4 @@ def fp8_pair(x: torch.Tensor):
 
 
 def dequant(data: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    return data.float() * scales.float().repeat_interleave(128, dim=-1)[..., :data.shape[-1]]
+    return per_token_group_dequant_ref(data, scales.float(), 128)

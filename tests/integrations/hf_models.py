@@ -7,6 +7,8 @@ import os
 
 import torch
 
+from moekit.kernels.reference import per_block_dequant_ref
+
 V = 96  # vocabulary of the tiny models
 
 
@@ -102,7 +104,7 @@ def write_fp8_deepseek(root: str, seed: int = 0, **overrides) -> tuple[str, str]
         if ".mlp.experts." in key:
             q, s = fp8_block_quant(value)
             fp8[key], fp8[key + "_scale_inv"] = q, s
-            deq[key] = (q.float() * s.repeat_interleave(128, 0)[:q.shape[0]].repeat_interleave(128, 1)[:, :q.shape[1]])
+            deq[key] = per_block_dequant_ref(q, s, 128)
         else:
             fp8[key] = deq[key] = value
     save_file(fp8, os.path.join(fp8_dir, "model.safetensors"), metadata={"format": "pt"})

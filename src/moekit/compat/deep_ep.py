@@ -17,6 +17,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
+from .._util import round_up
 from ..ep import buffer as _mbuf
 from ..ep.event import EventOverlap as _MEvent
 from ..ep.fp8 import pack_ue8m0
@@ -30,10 +31,6 @@ _NUM_MAX_NVL_PEERS = 8  # DeepEP's compiled-in ranks per NVLink domain (csrc/ker
 _ALIGN = 128  # DeepEP's buffer alignment in bytes
 _MAX_TOPK = _MAX_SCALES = 128  # the worst case DeepEP's buffer-size hints assume
 _SOURCE_META_BYTES = 8  # DeepEP's internode per-token source metadata (two int32)
-
-
-def _round_up(n: int, a: int) -> int:
-    return (n + a - 1) // a * a
 
 
 # ---- Config ------------------------------------------------------------------------------------
@@ -67,7 +64,7 @@ class Config:
             raise ValueError("Config: the RDMA chunk sizes must be > 0, got "
                              f"{num_max_rdma_chunked_send_tokens} and {num_max_rdma_chunked_recv_tokens}")
         # As DeepEP: the receive chunk rounds up to a multiple of the send chunk, at least twice it.
-        rdma_recv = _round_up(num_max_rdma_chunked_recv_tokens, num_max_rdma_chunked_send_tokens)
+        rdma_recv = round_up(num_max_rdma_chunked_recv_tokens, num_max_rdma_chunked_send_tokens)
         if num_max_rdma_chunked_send_tokens > rdma_recv // 2:
             raise ValueError("Config: num_max_rdma_chunked_send_tokens must be at most half of "
                              f"num_max_rdma_chunked_recv_tokens (rounded up to it: {rdma_recv}), "
@@ -97,7 +94,7 @@ class Config:
         recv = self.num_max_nvl_chunked_recv_tokens
         n = per * (2 * rdma_ranks + 3) * 4
         n += per * recv * (hidden_bytes + _SOURCE_META_BYTES + _MAX_TOPK * 8 + _MAX_TOPK * 4 + _MAX_SCALES * 4)
-        return _round_up(n, _ALIGN)
+        return round_up(n, _ALIGN)
 
     def get_rdma_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
         """Bytes of ``num_rdma_bytes`` DeepEP's internode kernels need (0 within one NVLink domain)."""
@@ -111,7 +108,7 @@ class Config:
         n = per * (_NUM_MAX_NVL_PEERS * 2 + 2) * 2 * 4
         n += per * recv * 2 * (hidden_bytes + _SOURCE_META_BYTES + _MAX_TOPK * 8 + _MAX_TOPK * 4
                                + _MAX_SCALES * 4 + 16)
-        return _round_up(n, _ALIGN)
+        return round_up(n, _ALIGN)
 
 
 # ---- events ------------------------------------------------------------------------------------
@@ -314,7 +311,7 @@ class Buffer:
         combine_msg = scales * 4 + hidden * 2
         send = max(c * dispatch_msg, e * c * combine_msg)
         recv = max(e * c * dispatch_msg, e * c * combine_msg)
-        signal = _round_up(e * 4, 128)
+        signal = round_up(e * 4, 128)
         total = 2 * (send + recv + signal)
         return (total + _ALIGN) // _ALIGN * _ALIGN  # (DeepEP adds a whole alignment unit)
 

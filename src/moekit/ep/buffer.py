@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from .. import dist as mdist
+from .._util import check_positive_int, round_up
 from . import checks
 from . import handle as hmod
 from .autograd import Backward, CombineFn, DispatchFn
@@ -60,10 +61,6 @@ class WeightedCombineOutput(NamedTuple):
     combined_x: torch.Tensor  # [T, H], dtype of the combined x
     combined_topk_weights: torch.Tensor  # [T, K] float32: the received rows' weights summed back
     event: EventOverlap
-
-
-def _align(n: int, a: int) -> int:
-    return (n + a - 1) // a * a
 
 
 def _destination_marks(is_token_in_rank: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -134,8 +131,7 @@ class Buffer:
     def __init__(self, group=None, *, ranks_per_node: int | None = None, num_sms: int | None = None,
                  hierarchical: bool | None = None, timeout: float = 300.0, check_handles: bool | None = None,
                  transport: str = "auto", heap_bytes: int | None = None):
-        if num_sms is not None and (isinstance(num_sms, bool) or not isinstance(num_sms, int) or num_sms < 1):
-            raise ValueError(f"num_sms must be a positive int or None, got {num_sms!r}")
+        check_positive_int("num_sms", num_sms, none_ok=True)
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < float("inf"):
             raise ValueError(f"timeout must be a positive, finite number of seconds, got {timeout!r}")
         self.timeout = float(timeout)
@@ -293,7 +289,7 @@ class Buffer:
             # Every (token, k) pair of expert e lands on e's rank: the global sum is what that rank receives.
             total = self._engine.comm.all_reduce_sum(per_expert.to(msg_dev))
             received = total[self.rank * epr:(self.rank + 1) * epr].tolist()
-        per_expert_list = [_align(c, expert_alignment) for c in received]
+        per_expert_list = [round_up(c, expert_alignment) for c in received]
         send_counts, send_token = hmod.flat_send_plan(in_rank)
         recv_counts = Chunks(row[hmod.MSG_ROWS] for row in recv_msg)
         hier = hmod.hier_plan(in_rank, recv_msg, lay, self.rank) if self.hierarchical else None

@@ -11,6 +11,7 @@ import torch
 
 from .errors import Code, InputError, dtype_code
 from .fp8 import FP8_DTYPE, num_scale_cols
+from .layout import token_ranks, tokens_per_expert
 
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -208,7 +209,6 @@ def check_layout_dispatch(x, is_token_in_rank, num_tokens_per_expert, topk_weigh
 def check_layout_matches(topk_idx: torch.Tensor, num_experts: int, num_ranks: int, is_token_in_rank,
                          num_tokens_per_expert) -> None:
     """A layout passed along with a validated ``topk_idx`` must be its layout (one host sync)."""
-    from .layout import token_ranks, tokens_per_expert  # (layout.py imports nothing from here)
     if is_token_in_rank is not None:
         check_layout(is_token_in_rank, torch.zeros(num_experts, dtype=torch.int64, device=topk_idx.device),
                      None, topk_idx.shape[0], num_ranks, topk_idx.device)

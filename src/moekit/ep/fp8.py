@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import torch
 
+from moekit._util import cdiv
 from moekit.kernels import per_token_group_quant
 from moekit.kernels._backend import BLOCK as TILE
 from moekit.kernels._backend import FP8_DTYPE, FP8_MAX  # noqa: F401  (re-exported for ep/)
+from moekit.kernels.reference import per_token_group_dequant_ref
 
 
 def num_scale_cols(hidden: int) -> int:
-    return (hidden + TILE - 1) // TILE
+    return cdiv(hidden, TILE)
 
 
 def quantize_1x128(x: torch.Tensor, round_scale: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,6 +55,4 @@ def unpack_ue8m0(packed: torch.Tensor) -> torch.Tensor:
 
 def dequantize_1x128(data: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`quantize_1x128`: ``[T, H]`` float32 (any H; the last tile may be partial)."""
-    t, h = data.shape
-    expanded = scales.float().repeat_interleave(TILE, dim=1)[:, :h]
-    return data.float() * expanded
+    return per_token_group_dequant_ref(data, scales.float(), TILE)

@@ -10,6 +10,8 @@ from typing import NamedTuple
 
 import torch
 
+from ..routing.balance import tokens_per_expert  # re-exported for ep/: (token, k) pairs per expert
+
 
 class DispatchLayout(NamedTuple):
     """Result of :func:`get_dispatch_layout` (all on ``topk_idx.device``)."""
@@ -60,11 +62,3 @@ def get_dispatch_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int
         num_tokens_per_expert=tokens_per_expert(topk_idx, num_experts),
         is_token_in_rank=in_rank,
     )
-
-
-def tokens_per_expert(topk_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """``[E]`` int64: (token, k) pairs per expert of a validated ``topk_idx`` [T, K]."""
-    ids = torch.where(topk_idx >= 0, topk_idx, num_experts).flatten()
-    per_expert = torch.zeros(num_experts + 1, dtype=torch.int64, device=topk_idx.device)
-    per_expert.scatter_add_(0, ids, torch.ones_like(ids))
-    return per_expert[:num_experts]

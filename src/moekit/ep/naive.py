@@ -13,9 +13,10 @@ from typing import NamedTuple
 import torch
 
 from .. import dist as mdist
+from .._util import round_up
 from .buffer import CombineOutput, DispatchOutput
 from .event import EventOverlap
-from .stats import Traffic, TrafficStats
+from .stats import Traffic, TrafficStats, traffic_by_peer
 from .transport import Comm
 
 
@@ -38,15 +39,7 @@ class NaiveBuffer:
         self.stats = TrafficStats()
 
     def _traffic(self, counts: list[int], row_bytes: int) -> Traffic:
-        t, lay, me = Traffic(), self.layout, self.rank
-        for r, c in enumerate(counts):
-            if r == me:
-                t.self_bytes += c * row_bytes
-            elif lay.node_of(r) == lay.node_of(me):
-                t.intra_node_bytes += c * row_bytes
-            else:
-                t.inter_node_bytes += c * row_bytes
-        return t
+        return traffic_by_peer([c * row_bytes for c in counts], self.layout, self.rank)
 
     def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, num_experts: int,
                  *, expert_alignment: int = 1, **_ignored) -> DispatchOutput:
@@ -75,7 +68,7 @@ class NaiveBuffer:
         recv_w, _ = self._comm.all_to_all_rows(ws, send_counts, recv_counts)
         # Megatron receives per-expert counts as well: the same all-to-all as ours, counted as free.
         per_expert = torch.bincount(recv_ids.flatten().long(), minlength=epr).tolist()
-        per_expert = [(c + expert_alignment - 1) // expert_alignment * expert_alignment for c in per_expert]
+        per_expert = [round_up(c, expert_alignment) for c in per_expert]
         self.stats.record(self._traffic(send_counts, x.shape[1] * x.element_size() + 8))
         h = NaiveHandle(t, send_token, send_counts, recv_counts)
         return DispatchOutput(recv_x, recv_ids.long(), recv_w, per_expert, h, EventOverlap())

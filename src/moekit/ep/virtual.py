@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from .._util import check_positive_int, round_up
 from ..dist import NodeLayout
 from . import checks
 from . import handle as hmod
@@ -43,10 +44,8 @@ class VirtualGroup:
 
     def __init__(self, world_size: int, device: torch.device | str = "cpu", *, num_sms: int = 20,
                  heap_bytes: int = 8 << 20, timeout: float = DEFAULT_TIMEOUT_S, guard_bytes: int = 0):
-        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-            raise ValueError(f"world_size must be a positive int, got {world_size!r}")
-        if isinstance(num_sms, bool) or not isinstance(num_sms, int) or num_sms < 1:
-            raise ValueError(f"num_sms must be a positive int, got {num_sms!r}")
+        check_positive_int("world_size", world_size)
+        check_positive_int("num_sms", num_sms)
         self.world_size, self.device, self.num_sms = world_size, torch.device(device), num_sms
         self.layout = NodeLayout(world_size, world_size)
         self.heaps = virtual_heaps(world_size, heap_bytes, self.device, guard_bytes)
@@ -100,8 +99,7 @@ class VirtualGroup:
             h = DispatchHandle(
                 key=self._key, rank=s, layout=self.layout, num_experts=e, num_tokens=info.num_tokens,
                 hidden=info.hidden, x_dtype=x_dtype, is_token_in_rank=in_rank[s], num_recv_tokens=sum(recv_counts),
-                num_recv_tokens_per_expert_list=[(c + expert_alignment - 1) // expert_alignment * expert_alignment
-                                                 for c in received],
+                num_recv_tokens_per_expert_list=[round_up(c, expert_alignment) for c in received],
                 send_counts=send_counts, recv_counts=recv_counts, send_token=send_token, dispatch_format=fmt,
                 topk_idx=idxs[s].to(torch.int32), topk_weights=ws[s].detach().clone() if weights else None)
             fields = {}

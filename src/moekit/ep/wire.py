@@ -11,13 +11,10 @@ import dataclasses
 
 import torch
 
+from .._util import round_up
 from .errors import STATUS_INTS, Status
 
 STATUS_BYTES = 8 * STATUS_INTS
-
-
-def _round_up(x: int, m: int) -> int:
-    return (x + m - 1) // m * m
 
 
 def ints_on(values: list[int], device: torch.device) -> torch.Tensor:
@@ -49,11 +46,11 @@ class RowFormat:
         for name, dtype, width in spec:
             assert width >= 1, (name, width)
             size = torch.empty((), dtype=dtype).element_size()
-            off = _round_up(off, size)
+            off = round_up(off, size)
             fields.append(Field(name, dtype, width, off))
             off += width * size
         self.fields = fields
-        self.row_bytes = max(STATUS_BYTES, _round_up(off, 8))
+        self.row_bytes = max(STATUS_BYTES, round_up(off, 8))
 
     def views(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
         """Typed, strided views ``{name: [n, width]}`` of ``rows`` ``[n, row_bytes]`` uint8."""

@@ -13,6 +13,7 @@ from typing import NamedTuple
 import torch
 
 from moekit import platform
+from moekit._util import cdiv  # noqa: F401  (re-exported for kernels/)
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3fn value
@@ -120,7 +121,3 @@ def same_device(**tensors: torch.Tensor) -> None:
     devs = {n: t.device for n, t in tensors.items()}
     if len(set(devs.values())) > 1:
         raise ValueError(f"tensors must be on one device, got {devs}")
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)

@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 import torch
 
+from .._util import round_up
 from ._backend import BLOCK, check_dtype, check_ndim, check_shape
 from .grouped import get_m_alignment_for_contiguous_layout, m_grouped_fp8_gemm_nt_contiguous
 from .quant import Quantized, per_block_quant, per_token_group_quant
@@ -78,7 +79,7 @@ def contiguous_layout(m_indices: torch.Tensor, num_groups: int, align: int | Non
     pad_start = torch.cumsum(padded, 0) - padded  # [G]
     start = torch.cumsum(counts, 0) - counts  # [G+1], in sorted order
     if m_indices.is_cuda:
-        used = -(-(rows + num_groups * (align - 1)) // align) * align
+        used = round_up(rows + num_groups * (align - 1), align)
     else:
         used = int(padded.sum())
     total = used + align

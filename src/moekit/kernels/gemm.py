@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from moekit import platform
+from moekit._util import check_positive_int
 
 try:  # host-side TMA descriptors (Triton >= 3.4)
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -200,8 +201,7 @@ def resolve_num_sms(num_sms: int | None, device: torch.device) -> int:
     """``num_sms`` or all SMs of ``device``; a positive int (the interpreter "has" as many as asked)."""
     if num_sms is None:
         return platform.sm_count(device.index) if device.type == "cuda" else 4
-    if not isinstance(num_sms, int) or num_sms < 1:
-        raise ValueError(f"num_sms must be a positive int or None, got {num_sms!r}")
+    check_positive_int("num_sms", num_sms, none_ok=True)
     return num_sms
 
 
@@ -226,6 +226,20 @@ def check_operands(a, a_scales, b, b_scales, a_lead: tuple[int, ...], b_lead: tu
     check_shape("b_scales", b_scales, (*b_lead, cdiv(n, BLOCK), k // BLOCK), "one fp32 scale per 128x128 block of b")
     same_device(a=a, a_scales=a_scales, b=b, b_scales=b_scales)
     return n, k
+
+
+def check_gemm_args(a, a_scales, b, b_scales, out_dtype: torch.dtype, a_dims: str, b_dims: str, *,
+                    same_groups: bool = False) -> tuple[int, int]:
+    """The launchers' shared preamble: the ranks of ``a`` and ``b`` (``a_dims`` like ``"[G, M_max, K]"``),
+    ``out_dtype``, with ``same_groups`` one group count in ``a`` and ``b``, then :func:`check_operands` with
+    the leading dims of ``a`` (its scales') and ``b`` (its scales'); returns (N, K)."""
+    check_ndim("a", a, a_dims.count(",") + 1, a_dims)
+    check_ndim("b", b, b_dims.count(",") + 1, b_dims)
+    if out_dtype not in _OUT_DTYPES:
+        raise TypeError(f"out_dtype must be one of {_OUT_DTYPES}, got {out_dtype}")
+    if same_groups and b.shape[0] != a.shape[0]:
+        raise ValueError(f"a and b must have the same number of groups, got a {list(a.shape)} and b {list(b.shape)}")
+    return check_operands(a, a_scales, b, b_scales, tuple(a.shape[:-1]), tuple(b.shape[:-2]))
 
 
 def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -276,12 +290,8 @@ def fp8_gemm_nt(
     Returns:
         ``[M, N]`` in ``out_dtype``. No host synchronisation; CUDA-graph safe once autotuned for the shape.
     """
-    check_ndim("a", a, 2, "[M, K]")
-    check_ndim("b", b, 2, "[N, K]")
-    if out_dtype not in _OUT_DTYPES:
-        raise TypeError(f"out_dtype must be one of {_OUT_DTYPES}, got {out_dtype}")
+    n, k = check_gemm_args(a, a_scales, b, b_scales, out_dtype, "[M, K]", "[N, K]")
     m = a.shape[0]
-    n, k = check_operands(a, a_scales, b, b_scales, (m,), ())
     sms = resolve_num_sms(num_sms, a.device)
     if resolve_backend(backend, a) == "torch":
         return ref.fp8_gemm_nt_ref(a, a_scales, b, b_scales, out_dtype)

@@ -18,10 +18,9 @@ import triton
 import triton.language as tl
 
 from . import reference as ref
-from ._backend import BLOCK, cdiv, check_dtype, check_ndim, check_shape, resolve_backend, same_device
+from ._backend import BLOCK, cdiv, check_dtype, check_shape, resolve_backend, same_device
 from .gemm import (
-    _OUT_DTYPES,
-    check_operands,
+    check_gemm_args,
     clamped_offsets,
     fp8_tile_dot,
     get_configs,
@@ -116,11 +115,6 @@ def _grouped_masked_kernel(
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(rows[:, None] < M) & (cols[None, :] < N))
 
 
-def _check_out_dtype(out_dtype: torch.dtype) -> None:
-    if out_dtype not in _OUT_DTYPES:
-        raise TypeError(f"out_dtype must be one of {_OUT_DTYPES}, got {out_dtype}")
-
-
 def check_contiguous_layout(m_indices: torch.Tensor, num_groups: int, alignment: int | None = None) -> None:
     """Raise ValueError unless ``m_indices`` is a valid contiguous layout. Syncs with the host (reads m_indices).
 
@@ -171,12 +165,8 @@ def m_grouped_fp8_gemm_nt_contiguous(
         the host and does not check the alignment on GPU tensors (that would sync: call
         :func:`check_contiguous_layout` yourself when in doubt); on CPU tensors it checks.
     """
-    check_ndim("a", a, 2, "[M, K]")
-    check_ndim("b", b, 3, "[G, N, K]")
-    _check_out_dtype(out_dtype)
-    m = a.shape[0]
-    num_groups = b.shape[0]
-    n, k = check_operands(a, a_scales, b, b_scales, (m,), (num_groups,))
+    n, k = check_gemm_args(a, a_scales, b, b_scales, out_dtype, "[M, K]", "[G, N, K]")
+    m, num_groups = a.shape[0], b.shape[0]
     check_dtype("m_indices", m_indices, torch.int32, torch.int64)
     check_shape("m_indices", m_indices, (m,), "one group index per row of a")
     same_device(a=a, m_indices=m_indices)
@@ -233,13 +223,8 @@ def m_grouped_fp8_gemm_nt_masked(
     Returns:
         ``[G, M_max, N]`` in ``out_dtype``; rows ``>= masked_m[g]`` are zero. No host synchronisation.
     """
-    check_ndim("a", a, 3, "[G, M_max, K]")
-    check_ndim("b", b, 3, "[G, N, K]")
-    _check_out_dtype(out_dtype)
+    n, k = check_gemm_args(a, a_scales, b, b_scales, out_dtype, "[G, M_max, K]", "[G, N, K]", same_groups=True)
     num_groups, m_max = a.shape[0], a.shape[1]
-    if b.shape[0] != num_groups:
-        raise ValueError(f"a and b must have the same number of groups, got a {list(a.shape)} and b {list(b.shape)}")
-    n, k = check_operands(a, a_scales, b, b_scales, (num_groups, m_max), (num_groups,))
     check_dtype("masked_m", masked_m, torch.int32, torch.int64)
     check_shape("masked_m", masked_m, (num_groups,), "one row count per group")
     same_device(a=a, masked_m=masked_m)

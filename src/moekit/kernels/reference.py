@@ -46,9 +46,10 @@ def per_token_group_quant_ref(x: torch.Tensor, group_size: int, scale_fmt: str |
 
 
 def per_token_group_dequant_ref(q: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
-    *lead, k = q.shape
-    g = q.float().reshape(*lead, k // group_size, group_size)
-    return (g * scales.unsqueeze(-1)).reshape(*lead, k)
+    """``q [..., K]`` times its 1 x ``group_size`` scales ``[..., >= ceil(K/group_size)]`` -> fp32 ``[..., K]``; the
+    last group may be partial (DeepEP's 1x128 tiles of any hidden size)."""
+    k = q.shape[-1]
+    return q.float() * scales.repeat_interleave(group_size, dim=-1)[..., :k]
 
 
 def _pad_to_blocks(w: torch.Tensor, block: int) -> torch.Tensor:
@@ -78,7 +79,7 @@ def per_block_dequant_ref(q: torch.Tensor, scales: torch.Tensor, block: int) -> 
     p = _pad_to_blocks(q.float(), block)
     nb, kb = p.shape[-2] // block, p.shape[-1] // block
     t = p.reshape(*lead, nb, block, kb, block) * scales[..., :, None, :, None]
-    return t.reshape(*lead, nb * block, kb * block)[..., :n, :k]
+    return t.reshape(*lead, nb * block, kb * block)[..., :n, :k].contiguous()
 
 
 def fp8_gemm_nt_ref(a, a_scales, b, b_scales, out_dtype, block: int = 128) -> torch.Tensor:

@@ -60,6 +60,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from .._util import round_up
 from . import _asm
 from ._backend import BLOCK, FP8Format, fp8_format_for_arch
 
@@ -495,7 +496,7 @@ def _occupancy(target: Target, spec: CompileSpec, regs: int | None, shared: int,
     limits = {"warps": target.max_warps // spec.num_warps}
     if target.vendor == "cuda":
         if regs:
-            per_warp = -(-regs * 32 // 256) * 256  # registers are allocated per warp in 256-register units
+            per_warp = round_up(regs * 32, 256)  # registers are allocated per warp in 256-register units
             limits["registers"] = (target.regs_per_sm // per_warp) // spec.num_warps
         limits["shared"] = target.smem_per_sm // (shared + 1024) if shared else 32  # 1 KB reserved per block
         limits["warps"] = min(limits["warps"], 32)

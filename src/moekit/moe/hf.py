@@ -13,6 +13,9 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
+from .._util import cdiv
+from ..kernels.reference import per_block_dequant_ref
+
 
 def dequantize_block_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: int = 128,
                          dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
@@ -21,12 +24,11 @@ def dequantize_block_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: i
     Returns ``[N, K]`` in ``dtype`` (the product is formed in fp32).
     """
     n, k = weight.shape
-    nb, kb = (n + block - 1) // block, (k + block - 1) // block
+    nb, kb = cdiv(n, block), cdiv(k, block)
     if tuple(scale_inv.shape) != (nb, kb):
         raise ValueError(f"scale_inv must be [{nb}, {kb}] for a [{n}, {k}] weight in {block}x{block} blocks, "
                          f"got {list(scale_inv.shape)}")
-    s = scale_inv.float().repeat_interleave(block, 0)[:n].repeat_interleave(block, 1)[:, :k]
-    return (weight.float() * s).to(dtype)
+    return per_block_dequant_ref(weight, scale_inv.float(), block).to(dtype)
 
 
 def moe_state_dict_from_hf(checkpoint: Mapping[str, torch.Tensor], layer: int, *,

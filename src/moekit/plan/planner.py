@@ -8,13 +8,14 @@ gradient sync and optimizer -> step time, MFU, tokens/s/GPU, GPU-hours per trill
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import Counter
 from functools import lru_cache
 from typing import NamedTuple
 
 from ..config import MoEConfig
-from .cluster import ClusterSpec, ParallelPlan
+from .cluster import ClusterSpec, ParallelPlan, load_cluster
 from .cost import (
     CommBytes,
     CommTimes,
@@ -169,8 +170,8 @@ def _sweep_point(cfg: MoEConfig, cluster: ClusterSpec, plan: ParallelPlan, sprea
     lt = _moe_layer(cfg, cluster, plan, spread, k)
     comp, comm = _pair(lt)
     pair = two_stream([lt.forward() * PAIR_LAYERS, lt.backward(True) * PAIR_LAYERS])
-    return SweepPoint(k, comp, comm, pair.comm_hidden / pair.comm if pair.comm > 0 else 1.0, pair.duration,
-                      pair.compute / pair.duration if pair.duration > 0 else 0.0)
+    return SweepPoint(k=k, compute=comp, comm=comm, hidden=pair.comm_hidden / pair.comm if pair.comm > 0 else 1.0,
+                      pair_time=pair.duration, busy=pair.compute / pair.duration if pair.duration > 0 else 0.0)
 
 
 def sm_sweep(cfg: MoEConfig, cluster: ClusterSpec, plan: ParallelPlan, spread: Spread | None,
@@ -288,7 +289,8 @@ def layer_costs(cfg: MoEConfig, cl: ClusterSpec, p: ParallelPlan, cache: dict | 
     dense = layer_times(cfg, cl, tokens=tokens, seq_len=p.seq_len, dense=True, spread=None,
                         fp8_dispatch=p.fp8_dispatch, gemm_dtype=p.gemm_dtype, comm_sms=k, recompute=p.recompute)
     head = head_times(cfg, cl, tokens=tokens, gemm_dtype=p.gemm_dtype, comm_sms=k, recompute=p.recompute)
-    out = LayerCosts(routing, spread, k, hide_k, needs_comm, has_moe, moe, dense, head)
+    out = LayerCosts(routing=routing, spread=spread, k=k, hide_k=hide_k, needs_comm=needs_comm, has_moe=has_moe,
+                     moe=moe, dense=dense, head=head)
     if cache is not None:
         cache[key] = out
     return out
@@ -415,8 +417,9 @@ def prepare(model: MoEConfig | str, cluster: ClusterSpec | str, parallel: Parall
     # The rank with the most parameters, for the report (the fullest in memory is ``memory``).
     dense_p, expert_p = max(zip(dense_r, expert_r), key=lambda de: de[0] + de[1])
     state = STATE_BYTES_REPLICATED * (dense_p + expert_p) + STATE_BYTES_SHARDED * (dense_p / dp + expert_p / edp)
-    return Prepared(cfg, cl, p, dp, n, lc, sizes, costs, memory, dense_p + expert_p, state, dp_sync, optimizer,
-                    p2p, lb)
+    return Prepared(cfg=cfg, cluster=cl, plan=p, dp=dp, num_microbatches=n, lc=lc, sizes=sizes, costs=costs,
+                    memory=memory, params_per_gpu=dense_p + expert_p, state_bytes=state, dp_sync=dp_sync,
+                    optimizer=optimizer, p2p=p2p, step_lower_bound=lb)
 
 
 @lru_cache(maxsize=512)
@@ -497,7 +500,6 @@ def finish(pr: Prepared, cache: dict | None = None, give_up_after: float | None 
     """Simulate a ``Prepared`` plan's pipeline and assemble the ``PlanResult``; None when
     ``give_up_after`` (seconds of step) is given and the step is certainly longer."""
     cfg, cl, p, dp, n, lc, costs = pr.cfg, pr.cluster, pr.plan, pr.dp, pr.num_microbatches, pr.lc, pr.costs
-    tokens = p.micro_batch * p.seq_len
     hide_k = lc.hide_k
     if hide_k is None and lc.needs_comm and p.comm_sms != "auto":
         key = (p.ep, p.micro_batch, p.seq_len, p.routing, p.fp8_dispatch, p.gemm_dtype, p.comm_sms, p.recompute,
@@ -509,24 +511,37 @@ def finish(pr: Prepared, cache: dict | None = None, give_up_after: float | None 
                    records=cache is None)
     if sim is None:
         return None
-    lay = layout(p.schedule, p.pp)
-    ns = lay.num_stages
+    return PlanResult(model=cfg, cluster=cl, plan=p, dp=dp, routing=lc.routing, spread=lc.spread, layer=layer,
+                      step=_step_report(pr, sim), stages=pr.sizes, sim=sim)
+
+
+def _stage_average_bubble(p: ParallelPlan, costs: StageCosts) -> float:
+    """The schedule's bubble formula with this plan's stage-average F, B, W and F&B seconds."""
+    ns = layout(p.schedule, p.pp).num_stages
     avg = [sum(costs.op(kind, s, split, s).duration for s in range(ns)) / ns
            for kind, split in (("F", False), ("B", True), ("W", False), ("FB", False))]
-    formula = bubble_formula(p.schedule, p.pp, *avg)
+    return bubble_formula(p.schedule, p.pp, *avg)
+
+
+def _step_report(pr: Prepared, sim: SimResult) -> StepReport:
+    """The ``StepReport`` of a prepared plan and its simulated pipeline."""
+    cfg, cl, p, dp, n = pr.cfg, pr.cluster, pr.plan, pr.dp, pr.num_microbatches
     step_time = sim.step_time + pr.dp_sync + pr.optimizer
     gpus = p.pp * dp
-    tokens_step = dp * n * tokens
+    tokens_step = dp * n * p.micro_batch * p.seq_len
     tps = tokens_step / step_time / gpus
     flops = step_flops_per_token(cfg, p.seq_len, p.mtp_depth) * tokens_step
     peak = (cl.fp8_tflops if p.gemm_dtype == "fp8" else cl.bf16_tflops) * 1e12
     busiest = max(range(p.pp), key=lambda r: sim.busy[r])
-    step = StepReport(n, tokens_step, sim.step_time, max(sim.bubble), sim.bubble[busiest], formula, pr.dp_sync,
-                      pr.optimizer, step_time, sim.hidden_fraction, sim.compute_fraction,
-                      flops / (step_time * gpus * peak), flops / (step_time * gpus * cl.bf16_tflops * 1e12),
-                      tps, 1e12 / tps / 3600, pr.params_per_gpu, pr.state_bytes / 1e9, pr.memory.fits,
-                      flops / step_time / gpus / 1e12, pr.memory)
-    return PlanResult(cfg, cl, p, dp, lc.routing, lc.spread, layer, step, pr.sizes, sim)
+    return StepReport(
+        num_microbatches=n, tokens_per_step=tokens_step, pipeline=sim.step_time, bubble=max(sim.bubble),
+        bubble_busiest=sim.bubble[busiest], bubble_formula=_stage_average_bubble(p, pr.costs), dp_sync=pr.dp_sync,
+        optimizer=pr.optimizer, step_time=step_time, comm_hidden=sim.hidden_fraction,
+        compute_busy=sim.compute_fraction, mfu=flops / (step_time * gpus * peak),
+        mfu_bf16=flops / (step_time * gpus * cl.bf16_tflops * 1e12), tokens_per_s_per_gpu=tps,
+        gpu_hours_per_trillion_tokens=1e12 / tps / 3600, params_per_gpu=pr.params_per_gpu,
+        state_memory_gb=pr.state_bytes / 1e9, fits_memory=pr.memory.fits,
+        model_tflops_per_gpu=flops / step_time / gpus / 1e12, memory=pr.memory)
 
 
 def _layer_report(cfg: MoEConfig, cl: ClusterSpec, p: ParallelPlan, spread: Spread | None, moe: LayerTimes, k: int,
@@ -543,10 +558,13 @@ def _layer_report(cfg: MoEConfig, cl: ClusterSpec, p: ParallelPlan, spread: Spre
                           comm_sms=k)
     dense = layer_times(cfg, cl, tokens=tokens, seq_len=p.seq_len, dense=True, spread=None,
                         fp8_dispatch=p.fp8_dispatch, gemm_dtype=p.gemm_dtype, comm_sms=k)
-    return LayerReport(tokens, k, cb, disp, comb, parts.attn_linear + parts.attn_core, parts.mlp, parts.routed,
-                       parts.elementwise, dense.attn_f + dense.mlp_f, comp_f, comp_pair - comp_f, comm_f,
-                       comm_pair - comm_f, comp_f / comm_f if comm_f > 0 else float("inf"),
-                       pt.hidden >= HIDE_THRESHOLD, hide_k, pt.hidden, pt.busy)
+    return LayerReport(
+        tokens=tokens, comm_sms=k, bytes=cb, dispatch=disp, combine=comb,
+        attention_f=parts.attn_linear + parts.attn_core, shared_f=parts.mlp, routed_f=parts.routed,
+        elementwise_f=parts.elementwise, dense_layer_f=dense.attn_f + dense.mlp_f, compute_f=comp_f,
+        compute_b=comp_pair - comp_f, comm_f=comm_f, comm_b=comm_pair - comm_f,
+        compute_to_comm=comp_f / comm_f if comm_f > 0 else float("inf"), hides=pt.hidden >= HIDE_THRESHOLD,
+        smallest_hiding_sms=hide_k, pair_comm_hidden=pt.hidden, pair_compute_busy=pt.busy)
 
 
 def _params_per_rank(cfg: MoEConfig, p: ParallelPlan, lay: Layout, bounds: list[int],
@@ -578,11 +596,7 @@ def _params_per_rank(cfg: MoEConfig, p: ParallelPlan, lay: Layout, bounds: list[
 def ep_sweep(model: MoEConfig | str, cluster: ClusterSpec | str, parallel: ParallelPlan,
              eps: list[int] | None = None) -> list[tuple[int, float, bool]]:
     """``(ep, step_time, fits_memory)`` for each valid EP size (default: powers of two up to dp)."""
-    import dataclasses
-
     cfg = MoEConfig.preset(model) if isinstance(model, str) else model
-    from .cluster import load_cluster
-
     cl = load_cluster(cluster) if isinstance(cluster, str) else cluster
     dp = parallel.resolve(cl, cfg.n_routed_experts).dp
     if eps is None:

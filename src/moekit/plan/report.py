@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from .planner import PlanResult, ep_sweep, sm_sweep
+from .search import candidate, describe, wall
 
 
 def to_dict(r: PlanResult) -> dict[str, Any]:
@@ -30,8 +31,6 @@ def to_dict(r: PlanResult) -> dict[str, Any]:
 
 
 def _row(c: Any, best: Any) -> dict[str, Any]:
-    from .search import describe, wall
-
     r = c.result
     return {**describe(c.plan), "tokens_per_s_per_gpu": c.tokens_per_s_per_gpu, "step_time": r.step.step_time,
             "compute": c.compute, "exposed_comm": c.exposed_comm, "bubble": c.bubble, "dp_sync_optimizer": c.dp,
@@ -44,8 +43,6 @@ def _row(c: Any, best: Any) -> dict[str, Any]:
 def search_to_dict(res: Any, best: PlanResult, reference: PlanResult | None = None) -> dict[str, Any]:
     """The search's ranked list (best first), its memory walls and counts, the best plan in full, and
     DeepSeek-V3's own plan when it applies; SI units."""
-    from .search import candidate, describe
-
     first = res.ranked[0]
     out = {
         "search": {"candidates": res.candidates, "checked": res.checked, "simulated": res.simulated,
@@ -65,8 +62,6 @@ def render_search(res: Any, best: PlanResult, reference: PlanResult | None = Non
     """Print the ranked plans (and why each loses to the first), the memory walls, DeepSeek-V3's plan."""
     from rich.console import Console
     from rich.table import Table
-
-    from .search import candidate
 
     if console is None:
         console = Console()

@@ -25,6 +25,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .cluster import read_text_file
+
 
 class Routing(NamedTuple):
     """A parsed routing model. ``kind``: uniform / node-limited / histogram; ``max_nodes`` for
@@ -85,8 +87,6 @@ def load_histogram(path: str | Path) -> np.ndarray:
     ``moekit.routing.balance.ExpertLoad.total``, saved with ``torch.save``). ``ValueError`` naming the
     file for anything else (missing, a directory, unreadable, not a numeric array, a ``.pt`` that does
     not hold one tensor)."""
-    from .cluster import read_text_file
-
     p = Path(path)
     what = "routing histogram"
     if not p.exists() or p.is_dir() or p.suffix not in (".npy", ".pt"):

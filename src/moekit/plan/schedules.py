@@ -31,6 +31,8 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import NamedTuple
 
+from .._util import check_positive_int
+
 SCHEDULES = ("1f1b", "interleaved", "dualpipe", "dualpipev")
 INTERLEAVE = 2  # model chunks per rank of the interleaved 1F1B schedule (Megatron-LM's virtual pipeline)
 
@@ -64,10 +66,8 @@ def check_schedule(schedule: str, num_ranks: int, num_microbatches: int) -> None
     """Raise ``ValueError`` unless ``schedule`` can run on ``num_ranks`` ranks with that many micro-batches."""
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-    if not isinstance(num_ranks, int) or num_ranks < 1:
-        raise ValueError(f"pp (pipeline ranks) must be a positive int, got {num_ranks!r}")
-    if not isinstance(num_microbatches, int) or num_microbatches < 1:
-        raise ValueError(f"num_microbatches must be a positive int, got {num_microbatches!r}")
+    check_positive_int("pp (pipeline ranks)", num_ranks)
+    check_positive_int("num_microbatches", num_microbatches)
     if schedule == "dualpipe":
         if num_ranks % 2:
             raise ValueError(f"dualpipe needs an even pp, got pp={num_ranks}")

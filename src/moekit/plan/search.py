@@ -35,8 +35,9 @@ import math
 import time
 from typing import NamedTuple
 
+from .._util import cdiv, round_up
 from ..config import MoEConfig
-from .cluster import MAX_SIM_OPS, ClusterSpec, ParallelPlan
+from .cluster import MAX_SIM_OPS, ClusterSpec, ParallelPlan, load_cluster
 from .cost import layer_params
 from .memory import STATE_BYTES_REPLICATED, STATE_BYTES_SHARDED
 from .planner import PlanResult, check_model_sizes, finish, layer_costs, link_bound_sms, prepare
@@ -104,13 +105,13 @@ def default_global_batch(num_gpus: int) -> int:
 def microbatches_for(schedule: str, pp: int, dp: int, micro_batch: int, global_batch: int) -> int | None:
     """The smallest micro-batch count ``schedule`` accepts that covers ``global_batch`` sequences, or None
     if it would exceed it by more than ``BATCH_SLACK``."""
-    n = -(-global_batch // (dp * micro_batch))
+    n = cdiv(global_batch, dp * micro_batch)
     if schedule == "dualpipe":
         n = max(n + n % 2, 2 * pp)
     elif schedule == "dualpipev":
         n = max(n, 2 * pp)
     elif schedule == "interleaved":
-        n = -(-n // pp) * pp
+        n = round_up(n, pp)
     if n * dp * micro_batch > (1 + BATCH_SLACK) * global_batch:
         return None
     return n
@@ -264,8 +265,6 @@ def search(model: MoEConfig | str, cluster: ClusterSpec | str, fixed: dict | Non
     """
     if not 0 <= tolerance < 1:
         raise ValueError(f"tolerance must be in [0, 1), got {tolerance}")
-    from .cluster import load_cluster
-
     t0 = time.perf_counter()
     cfg = MoEConfig.preset(model) if isinstance(model, str) else model
     cl = load_cluster(cluster) if isinstance(cluster, str) else cluster

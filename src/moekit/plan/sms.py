@@ -37,6 +37,7 @@ import math
 from pathlib import Path
 from typing import NamedTuple
 
+from .._util import check_positive_int
 from ..config import MoEConfig
 from .cluster import ClusterSpec, ParallelPlan
 from .planner import link_bound_sms, smallest_hiding_sms
@@ -58,8 +59,7 @@ def deepep_theoretical_sms(num_experts: int, top_k: int, ep: int, gpus_per_node:
     Returns an even count in ``[4, device_sms]`` (``device_sms`` when nothing is sent)."""
     for name, v in (("num_experts", num_experts), ("top_k", top_k), ("ep", ep), ("gpus_per_node", gpus_per_node),
                     ("device_sms", device_sms)):
-        if not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
+        check_positive_int(name, v)
     if num_experts % ep:
         raise ValueError(f"ep ({ep}) must divide num_experts ({num_experts})")
     up = min(ep, gpus_per_node)  # scale-up (NVLink) ranks

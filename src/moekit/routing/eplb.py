@@ -17,6 +17,8 @@ from typing import NamedTuple
 
 import torch
 
+from .._util import check_positive_int
+
 
 class EPLBResult(NamedTuple):
     phy2log: torch.Tensor  # [L, P] int64: the logical expert in each physical slot
@@ -138,8 +140,7 @@ def rebalance_experts(weight: torch.Tensor, num_replicas: int, num_groups: int, 
     num_log = weight.shape[1]
     for name, v in (("num_replicas", num_replicas), ("num_groups", num_groups), ("num_nodes", num_nodes),
                     ("num_gpus", num_gpus)):
-        if not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
+        check_positive_int(name, v)
     if num_log % num_groups != 0:
         raise ValueError(f"the number of experts ({num_log}) must be divisible by num_groups ({num_groups})")
     if num_gpus % num_nodes != 0:

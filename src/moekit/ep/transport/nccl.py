@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch.distributed as dist
 
+from ..._util import check_positive_int
+
 
 def nccl_options_class():
     """``torch.distributed.ProcessGroupNCCL.Options``, or None when this torch has no NCCL backend."""
@@ -26,8 +28,7 @@ def cta_limited_options(num_sms: int, options_cls=None):
     none or its ``config`` has no ``max_ctas`` (NCCL < 2.17 builds). ``min_ctas`` is lowered to
     ``num_sms`` when it was set higher (NCCL rejects min > max). Raises ValueError for ``num_sms < 1``.
     """
-    if isinstance(num_sms, bool) or not isinstance(num_sms, int) or num_sms < 1:
-        raise ValueError(f"num_sms must be a positive int, got {num_sms!r}")
+    check_positive_int("num_sms", num_sms)
     cls = nccl_options_class() if options_cls is None else options_cls
     if cls is None:
         return None

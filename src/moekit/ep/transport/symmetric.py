@@ -27,6 +27,7 @@ from collections.abc import Callable
 import torch
 
 from ... import platform
+from ..._util import round_up
 from ...dist import NodeLayout
 from ...kernels import comm as kcomm
 from .. import wire
@@ -40,10 +41,6 @@ from .torch_dist import Comm
 
 DEFAULT_HEAP_BYTES = 32 << 20
 DEFAULT_TIMEOUT_S = 300.0
-
-
-def _round_up(x: int, m: int) -> int:
-    return (x + m - 1) // m * m
 
 
 class Landing:
@@ -83,7 +80,7 @@ class Channel:
         self.heap, self.rank, self.world_size, self.num_programs, self.timeout = heap, heap.rank, r, k, timeout
         self.group_ranks = list(range(r)) if group_ranks is None else list(group_ranks)
         flag_bytes = 2 * r * k * 4
-        self.data_off = _round_up(flag_bytes, 256)
+        self.data_off = round_up(flag_bytes, 256)
         self.area_bytes = (heap.nbytes - self.data_off) // 2 // 256 * 256
         if self.area_bytes < 256 * r:
             raise ValueError(f"heap_bytes={heap.nbytes} is too small for {r} ranks x {k} programs")
@@ -187,7 +184,7 @@ class SymmetricComm:
     def exchange_fixed(self, msg: torch.Tensor) -> torch.Tensor:
         assert msg.shape[0] == self.size and msg.dtype == torch.int64
         w = msg.shape[1]
-        rb = _round_up(8 * w, 8)
+        rb = round_up(8 * w, 8)
         recv, _ = self.all_to_all_rows(msg.contiguous().view(torch.uint8).view(self.size, rb), [1] * self.size,
                                        [1] * self.size)
         return recv.view(torch.int64).view(self.size, w)
