@@ -149,6 +149,12 @@ def unpack(fmt: RowFormat, buf: torch.Tensor, counts: list[int], row_index: torc
     _, data_pos = positions(counts, buf.device)
     if row_index is not None:
         data_pos = data_pos.index_select(0, row_index)
+    return select_rows(fmt, buf, data_pos, out)
+
+
+def select_rows(fmt: RowFormat, buf: torch.Tensor, data_pos: torch.Tensor,
+                out: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Fields ``{name: [m, width]}`` of rows ``data_pos`` of ``buf`` (written into ``out[name]`` where given)."""
     got = {}
     for name, v in fmt.views(buf).items():
         if out is not None and name in out:

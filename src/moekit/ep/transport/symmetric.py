@@ -291,14 +291,8 @@ class SymmetricTransport(RowEngine):
         recv_counts = list(h.recv_counts)
 
         def gather(area, slot_rows):
-            got = {"_status": self._statuses(area, slot_rows)}
             data_pos = chunk_rows(area, slot_rows, recv_counts, first=1)  # after each chunk's status row
-            for name, v in fmt.views(area).items():
-                if out is not None and name in out:
-                    got[name] = torch.index_select(v, 0, data_pos, out=out[name])
-                else:
-                    got[name] = v.index_select(0, data_pos)
-            return got
+            return {"_status": self._statuses(area, slot_rows), **wire.select_rows(fmt, area, data_pos, out)}
         landing = self.channel.start(op, table, self._plan(h)["dispatch_idx"], _plus1(h.send_counts), gather)
         return self._transfer(op, landing, self._flat_traffic(h.send_counts, fmt.row_bytes))
 
