@@ -203,3 +203,16 @@ def test_bad_input_on_one_rank(world, hierarchical, rpn):
         assert text in msg, (name, msg)
         if name not in ("E not divisible", "fp8 hidden"):
             assert f"rank {_bad_rank(world)} of {world}" in msg, (name, msg)
+
+
+def test_every_status_code_has_a_message():
+    """Each failing code renders (the lookup table of moekit.ep.errors covers them all) with its type."""
+    from moekit.ep.errors import Code, _render
+
+    for code in Code:
+        if code == Code.OK:
+            continue
+        exc, msg = _render(code, 0, 1, 0)
+        assert issubclass(exc, Exception) and msg, code
+    with pytest.raises(AssertionError, match="unknown status code"):
+        _render(Code.OK, 0, 0, 0)

@@ -9,6 +9,7 @@ raises it. The lowest failing rank wins when several fail.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -115,132 +116,127 @@ def exception_code(err: BaseException) -> int:
     return 0
 
 
+def _mismatch(a: int, b: int, c: int) -> str:
+    field = MISMATCH_FIELDS[a]
+    b_s, c_s = (dtype_name(b), dtype_name(c)) if field.startswith("x dtype") else (str(b), str(c))
+    return f"{field} differs between ranks: rank 0 passes {b_s}, it passes {c_s}"
+
+
+# code -> (exception type, or a function of (a, b, c) that picks one; message of (a, b, c)). One entry a code,
+# in code order, so that a code's message reads next to its neighbours'.
+_MESSAGES: dict[Code, tuple[type[Exception] | Callable[[int, int, int], type[Exception]],
+                            Callable[[int, int, int], str]]] = {
+    Code.X_TYPE: (TypeError, lambda a, b, c:
+                  "x must be a tensor [T, H] or an (fp8 data [T, H], scales [T, ceil(H/128)]) pair"),
+    Code.X_NDIM: (ValueError, lambda a, b, c: f"x must be 2-D [num_tokens, hidden], got a {a}-D tensor"),
+    Code.X_DTYPE: (TypeError, lambda a, b, c: f"x must be bfloat16, float16 or float32, got {dtype_name(a)}"),
+    Code.FP8_DATA_DTYPE: (TypeError, lambda a, b, c:
+                          f"the data of an FP8 pair x must be a 2-D float8_e4m3fn tensor, got {dtype_name(a)}"),
+    Code.FP8_SCALES: (ValueError, lambda a, b, c:
+                      f"the scales of an FP8 pair x must be float32 [num_tokens, ceil(hidden/128)] = "
+                      f"[{a}, {b}], got {dtype_name(c)} with a different shape or dtype"),
+    Code.IDX_NDIM: (ValueError, lambda a, b, c:
+                    f"topk_idx must be 2-D [num_tokens, num_topk] with num_topk >= 1, got {a}-D"),
+    Code.IDX_DTYPE: (TypeError, lambda a, b, c: f"topk_idx must be int64, got {dtype_name(a)}"),
+    Code.W_SHAPE: (ValueError, lambda a, b, c: f"topk_weights must have the shape of topk_idx [{a}, {b}]"),
+    Code.W_DTYPE: (TypeError, lambda a, b, c: f"topk_weights must be float32, got {dtype_name(a)}"),
+    Code.NUM_TOKENS: (ValueError, lambda a, b, c: f"num_tokens differs between x ({a}) and topk_idx ({b})"),
+    Code.IDX_RANGE: (ValueError, lambda a, b, c: f"topk_idx values must lie in [-1, num_experts={b}), found {a}"),
+    Code.NUM_EXPERTS: (lambda a, b, c: TypeError if c else ValueError, lambda a, b, c:
+                       "num_experts must be an int (python or numpy), got another type" if c else
+                       f"num_experts ({a}) must be a positive multiple of the number of ranks ({b})"),
+    Code.FP8_HIDDEN: (ValueError, lambda a, b, c:
+                      f"fp8=True needs a hidden size that is a multiple of 128, got {a}"),
+    Code.ALIGNMENT: (ValueError, lambda a, b, c: f"expert_alignment must be >= 1, got {a}"),
+    Code.HANDLE_TOKENS: (ValueError, lambda a, b, c:
+                         f"handle is from another layout: it was made for {a} tokens, x has {b}"),
+    Code.HANDLE_ROUTING: (ValueError, lambda a, b, c:
+                          "handle is from another layout: topk_idx sends tokens to other ranks than the handle's"),
+    Code.HANDLE_EXPERTS: (ValueError, lambda a, b, c:
+                          f"handle is from another layout: it was made for num_experts={a}, got {b}"),
+    Code.DEVICE: (ValueError, lambda a, b, c: "x, topk_idx and topk_weights must be on the same device"),
+    Code.CX_NDIM: (ValueError, lambda a, b, c:
+                   f"combine's x must be 2-D [num_recv_tokens, hidden], got a {a}-D tensor"),
+    Code.CX_DTYPE: (TypeError, lambda a, b, c:
+                    f"combine's x must be bfloat16, float16 or float32, got {dtype_name(a)}"),
+    Code.CX_ROWS: (ValueError, lambda a, b, c: f"combine's x must have the handle's {b} received rows, got {a}"),
+    Code.CX_HIDDEN: (ValueError, lambda a, b, c: f"combine's x must have the dispatched hidden size {b}, got {a}"),
+    Code.MISMATCH: (ValueError, _mismatch),
+    Code.EMPTY_HIDDEN: (ValueError, lambda a, b, c: "x must have a hidden size >= 1"),
+    Code.IDX_MISSING: (ValueError, lambda a, b, c: "topk_idx and topk_weights may be None only with a handle"),
+    Code.HANDLE_HIDDEN: (ValueError, lambda a, b, c:
+                         f"handle is from another layout: it was made for hidden size {a}, x has {b}"),
+    Code.HANDLE_FP8: (ValueError, lambda a, b, c:
+                      "handle's rows are fixed by the dispatch that made it, " +
+                      ("an FP8 dispatch: pass an FP8 pair or fp8=True" if a else
+                       "a float dispatch: pass a float x without fp8 (or dispatch anew with fp8=True)")),
+    Code.HANDLE_TOPK: (ValueError, lambda a, b, c:
+                       f"handle is from another layout: it was made for num_topk={a}, topk_idx has {b}"),
+    Code.HANDLE_WEIGHTS: (ValueError, lambda a, b, c:
+                          "handle was made by a dispatch without topk_weights: it cannot carry topk_weights"),
+    Code.LL_CAPACITY: (ValueError, lambda a, b, c:
+                       f"num_tokens ({a}) exceeds num_max_dispatch_tokens_per_rank ({b})"),
+    Code.LL_COMBINE_X: (ValueError, lambda a, b, c:
+                        f"low_latency_combine's x must be bfloat16, float16 or float32 "
+                        f"[num_local_experts={a}, num_ranks * num_max_dispatch_tokens_per_rank={b}, hidden={c}]"),
+    Code.LL_ROUTING: (ValueError, lambda a, b, c:
+                      f"topk_idx and topk_weights must be int64 and float32 [{a}, num_topk] (the dispatch's T)"),
+    Code.LL_HANDLE: (TypeError, lambda a, b, c:
+                     "handle must be the LowLatencyHandle of a low_latency_dispatch of this Buffer"),
+    Code.LAYOUT_IN_RANK: (ValueError, lambda a, b, c:
+                          f"is_token_in_rank must be a torch.bool tensor [num_tokens={a}, num_ranks={b}] on x's "
+                          f"device"),
+    Code.LAYOUT_EXPERTS: (ValueError, lambda a, b, c:
+                          f"num_tokens_per_expert must be an int32/int64 tensor [num_experts] on x's device, "
+                          f"num_experts a positive multiple of the number of ranks ({a}) and equal to num_experts "
+                          f"when both are given"),
+    Code.LAYOUT_MISMATCH: (ValueError, lambda a, b, c:
+                           f"{'is_token_in_rank' if a == 0 else 'num_tokens_per_expert'} is not the layout of "
+                           f"topk_idx (get_dispatch_layout(topk_idx, num_experts))"),
+    Code.W_WITHOUT_IDX: (ValueError, lambda a, b, c:
+                         "topk_weights needs topk_idx: a layout-driven dispatch without topk_idx carries no weights"),
+    Code.WORST_TOKENS: (ValueError, lambda a, b, c:
+                        f"num_worst_tokens must be an int >= 0 (with a handle: 0 or the handle's, {b}), got {a}"),
+    Code.WORST_OVERFLOW: (ValueError, lambda a, b, c:
+                          f"num_worst_tokens ({b}) is too small: this rank receives {a} rows"),
+    Code.CW_WEIGHTS: (ValueError, lambda a, b, c:
+                      "combine got topk_weights, but the dispatch that made the handle had no topk_weights" if a < 0
+                      else f"combine's topk_weights must be float32 [num_recv_tokens={a}, num_topk={b}]"),
+    Code.CW_BIAS: (ValueError, lambda a, b, c:
+                   f"combine's bias must be a tensor or a pair of tensors [num_tokens={a}, hidden={b}] "
+                   f"of combine's x dtype ({dtype_name(c)})"),
+    Code.DENSE: (ValueError, lambda a, b, c:
+                 f"{ARGS[a]} must be a dense (strided) tensor with data, got " +
+                 ("a sparse tensor" if b == 0 else
+                  "a tensor on the meta device (it has no data; materialise it first)")),
+    Code.EXPERTS_LARGE: (ValueError, lambda a, b, c:
+                         f"num_experts ({a}) must be < 2**31 (expert ids travel as int32)"),
+    Code.EXCEPTION: (lambda a, b, c: EXCEPTION_TYPES[a], lambda a, b, c:
+                     f"{EXCEPTION_TYPES[a].__name__} while preparing its part of the call"),
+    Code.HANDLE_TYPE: (TypeError, lambda a, b, c: f"handle must be {HANDLE_KINDS[b]}, got {HANDLE_KINDS[a]}"),
+    Code.HANDLE_FOREIGN: (ValueError, lambda a, b, c:
+                          "handle is from another layout: it was made by a Buffer over another group, node layout "
+                          "or path"),
+    Code.HANDLE_STALE: (ValueError, lambda a, b, c:
+                        f"handle differs from the other ranks' in the {IDENTITY_FIELDS[a]}: theirs is {b}, "
+                        f"this rank's is {c} (a stale handle from an earlier call, or another Buffer's): every "
+                        "rank must pass the handle of the same call"),
+    Code.OP_MISMATCH: (ValueError, lambda a, b, c:
+                       f"ranks call different methods: the other ranks call {CALLS[a]}, this rank calls "
+                       f"{CALLS[b]} (every rank must make the same collective calls in the same order)"),
+    Code.LAYER_HIDDEN: (ValueError, lambda a, b, c:
+                        f"MoE: hidden_states must be [..., hidden_size={a}], got a {c}-D tensor ending in {b}"),
+    Code.HEAP_CAPACITY: (ValueError, lambda a, b, c:
+                         f"its rows for rank {c} need {a} rows but the symmetric heap's receive slot holds {b} "
+                         "rows of this size: build the Buffer with a larger heap_bytes"),
+}
+
+
 def _render(code: Code, a: int, b: int, c: int) -> tuple[type[Exception], str]:
-    if code == Code.X_TYPE:
-        return TypeError, "x must be a tensor [T, H] or an (fp8 data [T, H], scales [T, ceil(H/128)]) pair"
-    if code == Code.X_NDIM:
-        return ValueError, f"x must be 2-D [num_tokens, hidden], got a {a}-D tensor"
-    if code == Code.X_DTYPE:
-        return TypeError, f"x must be bfloat16, float16 or float32, got {dtype_name(a)}"
-    if code == Code.FP8_DATA_DTYPE:
-        return TypeError, f"the data of an FP8 pair x must be a 2-D float8_e4m3fn tensor, got {dtype_name(a)}"
-    if code == Code.FP8_SCALES:
-        return ValueError, (f"the scales of an FP8 pair x must be float32 [num_tokens, ceil(hidden/128)] = "
-                            f"[{a}, {b}], got {dtype_name(c)} with a different shape or dtype")
-    if code == Code.IDX_NDIM:
-        return ValueError, f"topk_idx must be 2-D [num_tokens, num_topk] with num_topk >= 1, got {a}-D"
-    if code == Code.IDX_DTYPE:
-        return TypeError, f"topk_idx must be int64, got {dtype_name(a)}"
-    if code == Code.W_SHAPE:
-        return ValueError, f"topk_weights must have the shape of topk_idx [{a}, {b}]"
-    if code == Code.W_DTYPE:
-        return TypeError, f"topk_weights must be float32, got {dtype_name(a)}"
-    if code == Code.NUM_TOKENS:
-        return ValueError, f"num_tokens differs between x ({a}) and topk_idx ({b})"
-    if code == Code.IDX_RANGE:
-        return ValueError, f"topk_idx values must lie in [-1, num_experts={b}), found {a}"
-    if code == Code.NUM_EXPERTS:
-        if c:
-            return TypeError, "num_experts must be an int (python or numpy), got another type"
-        return ValueError, f"num_experts ({a}) must be a positive multiple of the number of ranks ({b})"
-    if code == Code.FP8_HIDDEN:
-        return ValueError, f"fp8=True needs a hidden size that is a multiple of 128, got {a}"
-    if code == Code.ALIGNMENT:
-        return ValueError, f"expert_alignment must be >= 1, got {a}"
-    if code == Code.HANDLE_TOKENS:
-        return ValueError, f"handle is from another layout: it was made for {a} tokens, x has {b}"
-    if code == Code.HANDLE_ROUTING:
-        return ValueError, "handle is from another layout: topk_idx sends tokens to other ranks than the handle's"
-    if code == Code.HANDLE_EXPERTS:
-        return ValueError, f"handle is from another layout: it was made for num_experts={a}, got {b}"
-    if code == Code.DEVICE:
-        return ValueError, "x, topk_idx and topk_weights must be on the same device"
-    if code == Code.CX_NDIM:
-        return ValueError, f"combine's x must be 2-D [num_recv_tokens, hidden], got a {a}-D tensor"
-    if code == Code.CX_DTYPE:
-        return TypeError, f"combine's x must be bfloat16, float16 or float32, got {dtype_name(a)}"
-    if code == Code.CX_ROWS:
-        return ValueError, f"combine's x must have the handle's {b} received rows, got {a}"
-    if code == Code.CX_HIDDEN:
-        return ValueError, f"combine's x must have the dispatched hidden size {b}, got {a}"
-    if code == Code.MISMATCH:
-        field = MISMATCH_FIELDS[a]
-        if field.startswith("x dtype"):
-            b_s, c_s = dtype_name(b), dtype_name(c)
-        else:
-            b_s, c_s = str(b), str(c)
-        return ValueError, f"{field} differs between ranks: rank 0 passes {b_s}, it passes {c_s}"
-    if code == Code.EMPTY_HIDDEN:
-        return ValueError, "x must have a hidden size >= 1"
-    if code == Code.IDX_MISSING:
-        return ValueError, "topk_idx and topk_weights may be None only with a handle"
-    if code == Code.HANDLE_HIDDEN:
-        return ValueError, f"handle is from another layout: it was made for hidden size {a}, x has {b}"
-    if code == Code.HANDLE_FP8:
-        kind = ("an FP8 dispatch: pass an FP8 pair or fp8=True" if a else
-                "a float dispatch: pass a float x without fp8 (or dispatch anew with fp8=True)")
-        return ValueError, f"handle's rows are fixed by the dispatch that made it, {kind}"
-    if code == Code.HANDLE_TOPK:
-        return ValueError, f"handle is from another layout: it was made for num_topk={a}, topk_idx has {b}"
-    if code == Code.HANDLE_WEIGHTS:
-        return ValueError, "handle was made by a dispatch without topk_weights: it cannot carry topk_weights"
-    if code == Code.LL_CAPACITY:
-        return ValueError, f"num_tokens ({a}) exceeds num_max_dispatch_tokens_per_rank ({b})"
-    if code == Code.LL_COMBINE_X:
-        return ValueError, (f"low_latency_combine's x must be bfloat16, float16 or float32 "
-                            f"[num_local_experts={a}, num_ranks * num_max_dispatch_tokens_per_rank={b}, hidden={c}]")
-    if code == Code.LL_ROUTING:
-        return ValueError, f"topk_idx and topk_weights must be int64 and float32 [{a}, num_topk] (the dispatch's T)"
-    if code == Code.LL_HANDLE:
-        return TypeError, "handle must be the LowLatencyHandle of a low_latency_dispatch of this Buffer"
-    if code == Code.LAYOUT_IN_RANK:
-        return ValueError, f"is_token_in_rank must be a torch.bool tensor [num_tokens={a}, num_ranks={b}] on x's device"
-    if code == Code.LAYOUT_EXPERTS:
-        return ValueError, (f"num_tokens_per_expert must be an int32/int64 tensor [num_experts] on x's device, "
-                            f"num_experts a positive multiple of the number of ranks ({a}) and equal to num_experts "
-                            f"when both are given")
-    if code == Code.LAYOUT_MISMATCH:
-        what = "is_token_in_rank" if a == 0 else "num_tokens_per_expert"
-        return ValueError, f"{what} is not the layout of topk_idx (get_dispatch_layout(topk_idx, num_experts))"
-    if code == Code.W_WITHOUT_IDX:
-        return ValueError, "topk_weights needs topk_idx: a layout-driven dispatch without topk_idx carries no weights"
-    if code == Code.WORST_TOKENS:
-        return ValueError, (f"num_worst_tokens must be an int >= 0 (with a handle: 0 or the handle's, {b}), "
-                            f"got {a}")
-    if code == Code.WORST_OVERFLOW:
-        return ValueError, f"num_worst_tokens ({b}) is too small: this rank receives {a} rows"
-    if code == Code.CW_WEIGHTS:
-        if a < 0:
-            return ValueError, "combine got topk_weights, but the dispatch that made the handle had no topk_weights"
-        return ValueError, f"combine's topk_weights must be float32 [num_recv_tokens={a}, num_topk={b}]"
-    if code == Code.CW_BIAS:
-        return ValueError, (f"combine's bias must be a tensor or a pair of tensors [num_tokens={a}, hidden={b}] "
-                            f"of combine's x dtype ({dtype_name(c)})")
-    if code == Code.DENSE:
-        what = "a sparse tensor" if b == 0 else "a tensor on the meta device (it has no data; materialise it first)"
-        return ValueError, f"{ARGS[a]} must be a dense (strided) tensor with data, got {what}"
-    if code == Code.EXPERTS_LARGE:
-        return ValueError, f"num_experts ({a}) must be < 2**31 (expert ids travel as int32)"
-    if code == Code.EXCEPTION:
-        return EXCEPTION_TYPES[a], f"{EXCEPTION_TYPES[a].__name__} while preparing its part of the call"
-    if code == Code.HANDLE_TYPE:
-        return TypeError, f"handle must be {HANDLE_KINDS[b]}, got {HANDLE_KINDS[a]}"
-    if code == Code.HANDLE_FOREIGN:
-        return ValueError, ("handle is from another layout: it was made by a Buffer over another group, node layout "
-                            "or path")
-    if code == Code.HANDLE_STALE:
-        return ValueError, (f"handle differs from the other ranks' in the {IDENTITY_FIELDS[a]}: theirs is {b}, "
-                            f"this rank's is {c} (a stale handle from an earlier call, or another Buffer's): every "
-                            "rank must pass the handle of the same call")
-    if code == Code.OP_MISMATCH:
-        return ValueError, (f"ranks call different methods: the other ranks call {CALLS[a]}, this rank calls "
-                            f"{CALLS[b]} (every rank must make the same collective calls in the same order)")
-    if code == Code.LAYER_HIDDEN:
-        return ValueError, f"MoE: hidden_states must be [..., hidden_size={a}], got a {c}-D tensor ending in {b}"
-    if code == Code.HEAP_CAPACITY:
-        return ValueError, (f"its rows for rank {c} need {a} rows but the symmetric heap's receive slot holds {b} "
-                            "rows of this size: build the Buffer with a larger heap_bytes")
-    raise AssertionError(f"unknown status code {code}")
+    if code not in _MESSAGES:
+        raise AssertionError(f"unknown status code {code}")
+    exc, message = _MESSAGES[code]
+    return (exc if isinstance(exc, type) else exc(a, b, c)), message(a, b, c)
 
 
 class Status(NamedTuple):
