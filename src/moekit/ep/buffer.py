@@ -24,7 +24,7 @@ from .._util import check_positive_int, round_up
 from . import checks
 from . import handle as hmod
 from .autograd import Backward, CombineFn, DispatchFn
-from .errors import OK, Code, InputError, Status, dtype_code, meta_mismatch, raise_status
+from .errors import OK, Code, DispatchMeta, InputError, Status, dtype_code, meta_mismatch, raise_status
 from .event import EventOverlap
 from .fp8 import FP8_DTYPE, num_scale_cols, quantize_1x128
 from .guard import Failure, Guard, handle_kind, identity_mismatch
@@ -267,11 +267,12 @@ class Buffer:
             msg = hmod.counts_message(in_rank, lay, per_expert).to(msg_dev)
             # The dtype of combine and of later float exchanges on the handle: x's, bf16 for an FP8 pair.
             x_dtype = torch.bfloat16 if info.is_pair else info.data.dtype
-            meta = [info.hidden, dtype_code(x_dtype), e, k, int(wire_fp8), int(weights)]
+            meta = DispatchMeta(hidden=info.hidden, x_dtype=dtype_code(x_dtype), num_experts=e, num_topk=k,
+                                fp8=int(wire_fp8), has_weights=int(weights))
         except Exception as err:  # noqa: BLE001 - reported on every rank below
             status = self._guard.status_of(err)
             msg = torch.zeros(r, hmod.msg_width(lay.ranks_per_node), dtype=torch.int64, device=msg_dev)
-            meta = [0] * 6
+            meta = DispatchMeta()
         msg[:, hmod.MSG_STATUS] = torch.tensor(status.ints(), dtype=torch.int64)
         msg[:, hmod.MSG_META] = torch.tensor(meta, dtype=torch.int64)
         msg[:, hmod.MSG_ID] = torch.tensor(self._guard.identity("dispatch", 0, 0, self._key), dtype=torch.int64)

@@ -84,9 +84,26 @@ def dtype_name(code: int) -> str:
     return str(_DTYPES[code]) if 0 <= code < len(_DTYPES) else "another dtype"
 
 
-# Fields compared across ranks by Code.MISMATCH (a = field id, b = value on rank 0, c = value on `rank`).
-MISMATCH_FIELDS = ["hidden size", "x dtype (bfloat16 for an FP8 pair)", "num_experts", "num_topk (K)",
-                   "fp8 (x is an FP8 pair or fp8=True)", "topk_weights given", "num_max_dispatch_tokens_per_rank"]
+class DispatchMeta(NamedTuple):
+    """The ints of a dispatch that must agree across ranks, sent in its counts exchange in this order;
+    Code.MISMATCH names a field by its index here (a = field id, b = value on rank 0, c = value on `rank`).
+    The normal dispatch leaves ``capacity`` 0, the low-latency one ``num_topk`` and ``has_weights``."""
+
+    hidden: int = 0
+    x_dtype: int = 0  # dtype_code of x's dtype (bfloat16 for an FP8 pair)
+    num_experts: int = 0
+    num_topk: int = 0
+    fp8: int = 0  # 1: the rows travel as FP8
+    has_weights: int = 0
+    capacity: int = 0  # num_max_dispatch_tokens_per_rank
+
+
+META_INTS = len(DispatchMeta._fields)
+# What an error message calls each DispatchMeta field.
+_META_NAMES = dict(hidden="hidden size", x_dtype="x dtype (bfloat16 for an FP8 pair)", num_experts="num_experts",
+                   num_topk="num_topk (K)", fp8="fp8 (x is an FP8 pair or fp8=True)",
+                   has_weights="topk_weights given", capacity="num_max_dispatch_tokens_per_rank")
+MISMATCH_FIELDS = [_META_NAMES[f] for f in DispatchMeta._fields]
 
 
 # Arguments named by Code.DENSE.
@@ -117,9 +134,8 @@ def exception_code(err: BaseException) -> int:
 
 
 def _mismatch(a: int, b: int, c: int) -> str:
-    field = MISMATCH_FIELDS[a]
-    b_s, c_s = (dtype_name(b), dtype_name(c)) if field.startswith("x dtype") else (str(b), str(c))
-    return f"{field} differs between ranks: rank 0 passes {b_s}, it passes {c_s}"
+    b_s, c_s = (dtype_name(b), dtype_name(c)) if DispatchMeta._fields[a] == "x_dtype" else (str(b), str(c))
+    return f"{MISMATCH_FIELDS[a]} differs between ranks: rank 0 passes {b_s}, it passes {c_s}"
 
 
 # code -> (exception type, or a function of (a, b, c) that picks one; message of (a, b, c)). One entry a code,
@@ -270,7 +286,7 @@ def first_failure(statuses) -> Status:
 
 
 def meta_mismatch(metas) -> Status:
-    """``Code.MISMATCH`` for the lowest rank whose arguments (ints in ``MISMATCH_FIELDS`` order, one
+    """``Code.MISMATCH`` for the lowest rank whose arguments (the ints of a :class:`DispatchMeta`, one
     sequence per rank) differ from rank 0's, naming the first differing field; OK when all agree."""
     metas = [[int(v) for v in m] for m in metas]
     for s, row in enumerate(metas):

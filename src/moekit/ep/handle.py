@@ -17,6 +17,7 @@ import dataclasses
 import torch
 
 from ..dist import NodeLayout
+from .errors import META_INTS
 from .fp8 import num_scale_cols
 from .wire import Chunks, RowFormat
 
@@ -113,8 +114,8 @@ class DispatchHandle:
 MSG_STATUS = slice(0, 5)
 MSG_ROWS = 5  # tokens s -> d
 MSG_NODE_ROWS = 6  # tokens s -> node(d)
-MSG_META = slice(7, 13)  # hidden, x dtype code, E, K, fp8 flag, has weights (must agree across ranks)
-MSG_LOCAL = 13  # + l': tokens s -> (node(d), l'), for l' < G
+MSG_META = slice(7, 7 + META_INTS)  # the DispatchMeta ints (must agree across ranks)
+MSG_LOCAL = MSG_META.stop  # + l': tokens s -> (node(d), l'), for l' < G
 # Then (token, k) pairs s -> each expert of d, when d holds at most MSG_MAX_EXPERTS experts; beyond
 # that the per-expert counts take an all-reduce instead. The width must not depend on arguments that
 # could differ between ranks (a mismatched all-to-all hangs), hence a fixed cap.

@@ -31,15 +31,25 @@ from typing import NamedTuple
 import torch
 
 from .checks import FLOAT_DTYPES, check_expert_range, check_float_x, check_num_experts, check_routing
-from .errors import OK, STATUS_INTS, Code, InputError, Status, dtype_code, first_failure, meta_mismatch, raise_status
+from .errors import (
+    META_INTS,
+    OK,
+    STATUS_INTS,
+    Code,
+    DispatchMeta,
+    InputError,
+    Status,
+    dtype_code,
+    first_failure,
+    meta_mismatch,
+    raise_status,
+)
 from .event import EventOverlap
 from .fp8 import FP8_DTYPE, num_scale_cols, quantize_1x128
 from .guard import ID_INTS, identity_mismatch
 from .stats import TrafficStats, traffic_by_peer
 from .transport import Transfer, Transport
 from .wire import STATUS_BYTES, RowFormat, ints_on
-
-META_INTS = 7  # MISMATCH_FIELDS order: hidden, x dtype, E, (K: unused), fp8, (weights: unused), C
 
 
 class _Sizes(NamedTuple):
@@ -51,8 +61,9 @@ class _Sizes(NamedTuple):
     fp8: bool
     x_dtype: torch.dtype  # x's dtype: the wire dtype without FP8, and the dtype of the combine's rows
 
-    def meta(self) -> list[int]:
-        return [self.hidden, dtype_code(self.x_dtype), self.num_experts, 0, int(self.fp8), 0, self.capacity]
+    def meta(self) -> DispatchMeta:
+        return DispatchMeta(hidden=self.hidden, x_dtype=dtype_code(self.x_dtype), num_experts=self.num_experts,
+                            fp8=int(self.fp8), capacity=self.capacity)
 
     def row_format(self) -> RowFormat:
         if self.fp8:

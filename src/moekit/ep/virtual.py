@@ -18,7 +18,7 @@ from ..dist import NodeLayout
 from . import checks
 from . import handle as hmod
 from .buffer import CombineOutput, DispatchOutput
-from .errors import OK, InputError, dtype_code, meta_mismatch, raise_status
+from .errors import OK, DispatchMeta, InputError, dtype_code, meta_mismatch, raise_status
 from .event import EventOverlap
 from .fp8 import FP8_DTYPE, quantize_1x128
 from .handle import DispatchHandle, dispatch_row_format
@@ -81,7 +81,8 @@ class VirtualGroup:
             wire_fp8 = info.is_pair or fp8
             x_dtype = torch.bfloat16 if info.is_pair else info.data.dtype
             infos.append((info, k, e, wire_fp8, x_dtype))
-            metas.append([info.hidden, dtype_code(x_dtype), e, k, int(wire_fp8), int(ws[s] is not None)])
+            metas.append(DispatchMeta(hidden=info.hidden, x_dtype=dtype_code(x_dtype), num_experts=e, num_topk=k,
+                                      fp8=int(wire_fp8), has_weights=int(ws[s] is not None)))
         raise_status("dispatch", meta_mismatch(metas), r)
         e = infos[0][2]
         epr = e // r
