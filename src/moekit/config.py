@@ -91,8 +91,7 @@ class MoEConfig:
         if not 0 <= self.first_k_dense_replace <= self.num_hidden_layers:
             raise ValueError(f"MoEConfig.first_k_dense_replace ({self.first_k_dense_replace}) must be in "
                              f"[0, num_hidden_layers={self.num_hidden_layers}]")
-        if self.max_nodes_per_token is not None and self.max_nodes_per_token < 1:
-            raise ValueError(f"MoEConfig.max_nodes_per_token must be >= 1 or None, got {self.max_nodes_per_token}")
+        check_positive_int("MoEConfig.max_nodes_per_token", self.max_nodes_per_token, none_ok=True)
         if self.bias_update_speed < 0:
             raise ValueError(f"MoEConfig.bias_update_speed must be >= 0, got {self.bias_update_speed}")
         if self.seq_aux_loss_alpha < 0:

@@ -15,6 +15,8 @@ import socket
 
 import torch.distributed as dist
 
+from ._util import check_positive_int
+
 ProcessGroup = dist.ProcessGroup
 
 
@@ -26,8 +28,7 @@ class NodeLayout:
     ranks_per_node: int
 
     def __post_init__(self) -> None:
-        if self.world_size < 1:
-            raise ValueError(f"world_size must be >= 1, got {self.world_size}")
+        check_positive_int("world_size", self.world_size)
         if self.ranks_per_node < 1 or self.world_size % self.ranks_per_node != 0:
             raise ValueError(
                 f"ranks_per_node ({self.ranks_per_node}) must be >= 1 and divide the world size "

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from .._util import round_up
+from .._util import check_positive_int, is_int, round_up
 from ..ep import buffer as _mbuf
 from ..ep.event import EventOverlap as _MEvent
 from ..ep.fp8 import pack_ue8m0
@@ -53,7 +53,7 @@ class Config:
                     num_max_rdma_chunked_send_tokens=num_max_rdma_chunked_send_tokens,
                     num_max_rdma_chunked_recv_tokens=num_max_rdma_chunked_recv_tokens)
         for name, v in args.items():
-            if isinstance(v, bool) or not isinstance(v, int):
+            if not is_int(v):
                 raise TypeError(f"Config: {name} must be an int, got {v!r}")
         if num_sms < 0:
             raise ValueError(f"Config: num_sms must be >= 0, got {num_sms}")
@@ -254,10 +254,9 @@ class Buffer:
                                  "initialised)")
             group = dist.group.WORLD
         for name, v in (("num_nvl_bytes", num_nvl_bytes), ("num_rdma_bytes", num_rdma_bytes)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0 or v % _ALIGN:
+            if not is_int(v, 0) or v % _ALIGN:
                 raise ValueError(f"{name} must be an int >= 0 and a multiple of {_ALIGN}, got {v!r}")
-        if isinstance(num_qps_per_rank, bool) or not isinstance(num_qps_per_rank, int) or num_qps_per_rank <= 0:
-            raise ValueError(f"num_qps_per_rank must be a positive int, got {num_qps_per_rank!r}")
+        check_positive_int("num_qps_per_rank", num_qps_per_rank)
         if enable_shrink:
             raise ValueError("enable_shrink=True: masking ranks out is not supported by moekit")
         self.group = group
@@ -291,7 +290,7 @@ class Buffer:
     def set_num_sms(new_num_sms: int) -> None:
         """Set the SM budget of the normal kernels (even, as DeepEP requires) for Buffers built afterwards
         and for ``get_dispatch_config`` / ``get_combine_config``."""
-        if isinstance(new_num_sms, bool) or not isinstance(new_num_sms, int) or new_num_sms <= 0 or new_num_sms % 2:
+        if not is_int(new_num_sms, 1) or new_num_sms % 2:
             raise ValueError(f"new_num_sms must be a positive even int, got {new_num_sms!r}")
         Buffer.num_sms = new_num_sms
 

@@ -9,6 +9,7 @@ from typing import NamedTuple
 
 import torch
 
+from .._util import is_int
 from .errors import Code, InputError, dtype_code
 from .fp8 import FP8_DTYPE, num_scale_cols
 from .layout import token_ranks, tokens_per_expert
@@ -201,7 +202,7 @@ def check_layout_dispatch(x, is_token_in_rank, num_tokens_per_expert, topk_weigh
                      info.data.device)
     if fp8 and not info.is_pair and info.hidden % 128 != 0:
         raise InputError(Code.FP8_HIDDEN, info.hidden)
-    if isinstance(expert_alignment, bool) or not isinstance(expert_alignment, int) or expert_alignment < 1:
+    if not is_int(expert_alignment, 1):
         raise InputError(Code.ALIGNMENT, expert_alignment if isinstance(expert_alignment, int) else 0)
     return info, e
 
@@ -223,7 +224,7 @@ def check_layout_matches(topk_idx: torch.Tensor, num_experts: int, num_ranks: in
 
 def check_worst_tokens(num_worst_tokens, handle_value: int | None = None) -> int:
     """An int >= 0; with a handle (``handle_value``) 0 or the handle's own value."""
-    bad = isinstance(num_worst_tokens, bool) or not isinstance(num_worst_tokens, int) or num_worst_tokens < 0
+    bad = not is_int(num_worst_tokens, 0)
     if not bad and handle_value is not None and num_worst_tokens not in (0, handle_value):
         bad = True
     if bad:

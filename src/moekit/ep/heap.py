@@ -22,6 +22,8 @@ import uuid
 
 import torch
 
+from .._util import check_positive_int
+
 
 @dataclasses.dataclass(eq=False)
 class Heap:
@@ -49,11 +51,11 @@ class Heap:
 
 
 GUARD = 0xA5
+MIN_BYTES = 4096  # the smallest heap_bytes accepted (by every way of building a heap)
 
 
 def _check_nbytes(nbytes: int) -> None:
-    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 4096:
-        raise ValueError(f"heap_bytes must be an int >= 4096, got {nbytes!r}")
+    check_positive_int("heap_bytes", nbytes, minimum=MIN_BYTES)
 
 
 def virtual_heaps(world_size: int, nbytes: int, device: torch.device | str = "cpu",

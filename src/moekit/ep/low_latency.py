@@ -30,6 +30,7 @@ from typing import NamedTuple
 
 import torch
 
+from .._util import is_int
 from .checks import FLOAT_DTYPES, check_expert_range, check_float_x, check_num_experts, check_routing
 from .errors import (
     META_INTS,
@@ -100,18 +101,14 @@ class LowLatencyCombineOutput(NamedTuple):
     hook: object
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _check_dispatch(x, topk_idx, capacity, num_experts, use_fp8: bool, num_ranks: int) -> _Sizes:
     """Shape/dtype checks (no value checks); raises InputError. Returns the sizes of the block."""
     check_float_x(x)
     t, h = x.shape
     check_routing(topk_idx, None, t, x.device)
     check_num_experts(num_experts, num_ranks)
-    if not _is_int(capacity) or t > capacity or capacity < 1:
-        raise InputError(Code.LL_CAPACITY, t, capacity if _is_int(capacity) else -1)
+    if not is_int(capacity, 1) or t > capacity:
+        raise InputError(Code.LL_CAPACITY, t, capacity if is_int(capacity) else -1)
     if use_fp8 and h % 128:
         raise InputError(Code.FP8_HIDDEN, h)
     return _Sizes(h, capacity, num_experts, bool(use_fp8), x.dtype)

@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._util import is_int
 from . import reference as ref
 from ._backend import BLOCK, cdiv, check_dtype, check_shape, resolve_backend, same_device
 from .gemm import (
@@ -228,7 +229,7 @@ def m_grouped_fp8_gemm_nt_masked(
     check_dtype("masked_m", masked_m, torch.int32, torch.int64)
     check_shape("masked_m", masked_m, (num_groups,), "one row count per group")
     same_device(a=a, masked_m=masked_m)
-    if not isinstance(expected_m, int) or expected_m < 0:
+    if not is_int(expected_m, 0):
         raise ValueError(f"expected_m must be a non-negative int, got {expected_m!r}")
     sms = resolve_num_sms(num_sms, a.device)
     if resolve_backend(backend, a) == "torch":

@@ -7,6 +7,7 @@ import os
 import torch
 import torch.distributed as dist
 
+from ..._util import check_positive_int
 from ...dist import NodeLayout
 from .. import heap as heapmod
 from .base import Transport
@@ -68,9 +69,8 @@ def make_transport(kind: str, comm: Comm, layout: NodeLayout, node_groups=None, 
         return CollectiveTransport(comm, layout, node_groups)
     if not ok:
         raise ValueError(f"transport='symmetric' is not available here: {why}")
+    check_positive_int("heap_bytes", heap_bytes, none_ok=True, minimum=heapmod.MIN_BYTES)
     heap_bytes = DEFAULT_HEAP_BYTES if heap_bytes is None else heap_bytes
-    if isinstance(heap_bytes, bool) or not isinstance(heap_bytes, int) or heap_bytes < 4096:
-        raise ValueError(f"heap_bytes must be an int >= 4096 or None, got {heap_bytes!r}")
     _check_agree(comm, heap_bytes, num_sms, device)
     if comm.size == 1:
         return SymmetricTransport(comm, layout, heapmod.virtual_heaps(1, heap_bytes, device)[0], num_sms=num_sms,
