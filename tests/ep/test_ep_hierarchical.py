@@ -100,3 +100,12 @@ def test_two_stage(world, rpn, force):
         assert msgs[0][j] is not None, f"bad input {j}: no error"
         assert all(m[j] == msgs[0][j] for m in msgs), [m[j] for m in msgs]
         assert f"rank {world - 1} of {world}" in msgs[0][j]
+
+
+def test_traffic_two_stage_splits_each_stage_by_hop():
+    """Rank (1, 0) of 2 nodes x 3: stage 1 to (n, 0), stage 2 to (1, l); its own rows are self bytes."""
+    from moekit.dist import NodeLayout
+    from moekit.ep.stats import traffic_two_stage
+
+    t = traffic_two_stage([5, 7], [11, 13, 17], 2, NodeLayout(6, 3), 3)
+    assert (t.self_bytes, t.inter_node_bytes, t.intra_node_bytes) == (2 * (7 + 11), 2 * 5, 2 * (13 + 17))

@@ -55,3 +55,17 @@ def traffic_by_peer(bytes_per_peer: Sequence[int], layout: NodeLayout, me: int) 
         else:
             t.inter_node_bytes += b
     return t
+
+
+def traffic_two_stage(inter_counts: Sequence[int], intra_counts: Sequence[int], row_bytes: int, layout: NodeLayout,
+                      me: int) -> Traffic:
+    """The bytes of one two-stage exchange of ``row_bytes`` rows: the inter-node stage sends ``inter_counts[n]``
+    rows to the rank of node n with ``me``'s local index, the intra-node stage ``intra_counts[l]`` rows to rank
+    l of ``me``'s node. Both stages' rows are split by hop as :func:`traffic_by_peer` does."""
+    node, local = layout.node_of(me), layout.local_of(me)
+    per_peer = [0] * layout.world_size
+    for n, c in enumerate(inter_counts):
+        per_peer[layout.rank_of(n, local)] += c * row_bytes
+    for l, c in enumerate(intra_counts):
+        per_peer[layout.rank_of(node, l)] += c * row_bytes
+    return traffic_by_peer(per_peer, layout, me)

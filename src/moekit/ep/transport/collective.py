@@ -20,7 +20,7 @@ from ...dist import NodeLayout
 from .. import wire
 from ..errors import first_failure, raise_status
 from ..handle import DispatchHandle
-from ..stats import Traffic, traffic_by_peer
+from ..stats import Traffic, traffic_by_peer, traffic_two_stage
 from .base import Rows, Transfer, Transport
 from .torch_dist import Comm
 
@@ -45,18 +45,7 @@ class RowEngine(Transport):
         return traffic_by_peer([c * row_bytes for c in counts], self.layout, self.rank)
 
     def _hier_traffic(self, inter_counts: list[int], intra_counts: list[int], row_bytes: int) -> Traffic:
-        t = Traffic()
-        for n, c in enumerate(inter_counts):
-            if n == self.inter.rank:
-                t.self_bytes += c * row_bytes
-            else:
-                t.inter_node_bytes += c * row_bytes
-        for l, c in enumerate(intra_counts):
-            if l == self.intra.rank:
-                t.self_bytes += c * row_bytes
-            else:
-                t.intra_node_bytes += c * row_bytes
-        return t
+        return traffic_two_stage(inter_counts, intra_counts, row_bytes, self.layout, self.rank)
 
     def _checker(self, op: str, buf: torch.Tensor, counts: list[int]) -> Callable[[], None]:
         return lambda: raise_status(op, first_failure(wire.read_statuses(buf, counts)), self.world_size)
