@@ -290,7 +290,7 @@ def _hardware_rank(rank, world, hosts):
 
     os.environ.pop("LOCAL_WORLD_SIZE")
     if hosts is None:  # the real hosts: all these ranks run on this one
-        return mdist.node_layout().ranks_per_node, deep_ep.Buffer(dist.group.WORLD)._buffer.layout.ranks_per_node
+        return mdist.node_layout().ranks_per_node, deep_ep.Buffer(dist.group.WORLD)._buffer.node_layout.ranks_per_node
     with mock.patch.object(mdist, "host_identity", lambda: hosts[rank]):
         try:
             return mdist.node_layout().ranks_per_node

@@ -35,7 +35,7 @@ def check_dispatch_combine(buf, case: Case, rank: int, world: int, *, alignment:
     assert y.dtype == case.dtype
     rb = row_bytes(case.hidden, xs[0].element_size(), case.topk)
     per = "node" if buf.hierarchical else "rank"
-    g = buf.layout.ranks_per_node
+    g = buf.node_layout.ranks_per_node
     assert dispatch_traffic.inter_node_bytes == inter_node_bytes(idxs[rank], case.num_experts, world, g, rank, rb,
                                                                  per)
     return {"recv": out.recv_x.shape[0], "inter": dispatch_traffic.inter_node_bytes}
@@ -89,7 +89,7 @@ def check_fp8(buf, case: Case, rank: int, world: int) -> None:
     rb = row_bytes(case.hidden, 1, case.topk, fp8=True)
     per = "node" if buf.hierarchical else "rank"
     assert buf.stats.last.inter_node_bytes == inter_node_bytes(idxs[rank], case.num_experts, world,
-                                                               buf.layout.ranks_per_node, rank, rb, per)
+                                                               buf.node_layout.ranks_per_node, rank, rb, per)
     # Combine after an FP8 dispatch runs in bf16.
     y, _ = buf.combine(deq.to(torch.bfloat16), out3.handle)
     assert y.dtype == torch.bfloat16

@@ -87,6 +87,15 @@ def test_single_rank_without_weights_and_fp8_pair():
     assert buf.stats.last.self_bytes == 4 * 256 * 4 and buf.stats.last.inter_node_bytes == 0
 
 
+def test_node_layout_and_its_old_name():
+    """``Buffer.node_layout`` is the NodeLayout; ``layout`` is its old name, read-only."""
+    buf = Buffer()
+    assert (buf.node_layout.world_size, buf.node_layout.ranks_per_node) == (1, 1)
+    assert buf.layout is buf.node_layout
+    with pytest.raises(AttributeError):
+        buf.layout = buf.node_layout
+
+
 def test_non_contiguous_inputs():
     buf = Buffer()
     x = torch.randn(64, 7).t()  # [7, 64], non-contiguous

@@ -126,7 +126,7 @@ def _bytes_rank(rank, world, two_stage):
     got_c = buf.stats.last
     rb_d = _row_bytes(20 * 4 + 4 * 3 + 4 * 3)  # fp32 x, int32 ids, fp32 weights
     rb_c = _row_bytes(20 * 4 + 4 * 3)  # fp32 x, and the K fp32 weights a handle with weights always carries
-    want_d, want_c = _ref_traffic(idxs, case.num_experts, world, buf.layout, rank, two_stage, rb_d, rb_c)
+    want_d, want_c = _ref_traffic(idxs, case.num_experts, world, buf.node_layout, rank, two_stage, rb_d, rb_c)
     assert got_d == want_d, (rank, got_d, want_d)
     assert got_c == want_c, (rank, got_c, want_c)
     return got_c.intra_node_bytes, got_c.inter_node_bytes

@@ -350,7 +350,7 @@ class Buffer:
 
     @property
     def _internode(self) -> bool:
-        return self._live().layout.num_nodes > 1
+        return self._live().node_layout.num_nodes > 1
 
     def _buffer_for(self, config: Config) -> _mbuf.Buffer:
         """The moekit.Buffer whose communication uses ``config.num_sms``: on NCCL one per SM budget (its
@@ -361,7 +361,7 @@ class Buffer:
             return buf
         if config.num_sms not in self._by_num_sms:
             self._by_num_sms[config.num_sms] = _mbuf.Buffer(self.group, num_sms=config.num_sms,
-                                                            ranks_per_node=buf.layout.ranks_per_node)
+                                                            ranks_per_node=buf.node_layout.ranks_per_node)
         return self._by_num_sms[config.num_sms]  # (its handles are interchangeable: same group and layout)
 
     def _check_config(self, config, hidden_bytes: int, default: Callable[[int], Config]) -> Config:

@@ -138,10 +138,10 @@ class Buffer:
         self.group = group
         self.num_ranks = mdist.world_size(group)
         self.rank = mdist.rank(group)
-        self.layout = mdist.node_layout(group, ranks_per_node)
+        lay = self.node_layout = mdist.node_layout(group, ranks_per_node)
         if num_sms is not None:
             self.num_sms = num_sms
-        auto = self.layout.num_nodes > 1 and self.layout.ranks_per_node > 1
+        auto = lay.num_nodes > 1 and lay.ranks_per_node > 1
         self.hierarchical = (auto if hierarchical is None else bool(hierarchical)) and self.num_ranks > 1
         backend = nccl.backend_of(group)
         # An explicit num_sms on NCCL: the Buffer's own communicators, limited to num_sms CTAs.
@@ -150,15 +150,15 @@ class Buffer:
         if self._pg_options is not None:
             # Collective over the world (dist.new_group), like the node sub-groups below.
             comm_group = dist.new_group(mdist.global_ranks(group), backend="nccl", pg_options=self._pg_options)
-        self._node_groups = mdist.new_node_groups(group, self.layout, self._pg_options) if self.hierarchical else None
-        self._key = (tuple(mdist.global_ranks(group)), self.layout.ranks_per_node, self.hierarchical)
+        self._node_groups = mdist.new_node_groups(group, lay, self._pg_options) if self.hierarchical else None
+        self._key = (tuple(mdist.global_ranks(group)), lay.ranks_per_node, self.hierarchical)
         self._guard = Guard(self._key, self.rank, self.num_ranks, self.timeout)
         self._msg_device = torch.device("cpu") if backend == "gloo" else torch.device("cuda",
                                                                                      torch.cuda.current_device())
         # The transport (what moves rows); kept as _engine, the name the Buffer always had for it.
         self._engine = make_transport(transport, Comm(comm_group, self.num_ranks, self.rank, self.timeout,
                                                       self._guard.on_fail),
-                                      self.layout, self._node_groups, num_sms=self.num_sms, device=self._msg_device,
+                                      lay, self._node_groups, num_sms=self.num_sms, device=self._msg_device,
                                       heap_bytes=heap_bytes, timeout=self.timeout)
         self.transport = self._engine.name
         self.stats = TrafficStats()
@@ -167,8 +167,14 @@ class Buffer:
         # Low-latency mode: on a host-check backend the sizes and statuses are exchanged before the block
         # (the host reads everything anyway); on a device backend they travel in the block's header.
         self._low_latency = LowLatencyMode(self._engine, self.stats, self._key, self._msg_device.type == "cpu",
-                                           self._msg_device, self._guard, hmod.msg_width(self.layout.ranks_per_node))
+                                           self._msg_device, self._guard, hmod.msg_width(lay.ranks_per_node))
         self._check_handles = self._ll_host_checks if check_handles is None else bool(check_handles)
+
+    @property
+    def layout(self) -> mdist.NodeLayout:
+        """The old name of :attr:`node_layout` (read-only), kept for code that reads it; "layout" otherwise
+        means a dispatch layout (:meth:`get_dispatch_layout`)."""
+        return self.node_layout
 
     @property
     def _ll_host_checks(self) -> bool:
@@ -191,7 +197,7 @@ class Buffer:
         num_tokens_per_expert [E], is_token_in_rank [T, R] bool)``, int64 counts on ``topk_idx.device``.
         Local (raises on this rank only); no host sync.
         """
-        return get_dispatch_layout(topk_idx, num_experts, self.num_ranks, self.layout.ranks_per_node)
+        return get_dispatch_layout(topk_idx, num_experts, self.num_ranks, self.node_layout.ranks_per_node)
 
     # ---- dispatch ------------------------------------------------------------------------------
     def dispatch(self, x, topk_idx: torch.Tensor | None, topk_weights: torch.Tensor | None,
@@ -238,7 +244,7 @@ class Buffer:
             return self._cached_dispatch(x, topk_idx, topk_weights, num_experts, fp8, async_finish, handle,
                                          num_worst_tokens)
         seq = self._guard.begin("dispatch")
-        lay, r = self.layout, self.num_ranks
+        lay, r = self.node_layout, self.num_ranks
         status, info, k, e = OK, None, 0, 0
         by_layout = topk_idx is None and is_token_in_rank is not None
         out_idx = not by_layout
@@ -319,7 +325,7 @@ class Buffer:
         if self._check_handles:
             ok = handle_kind(handle) == mode
             ident = self._guard.identity(call, handle.seq if ok else -1, mode, handle.key if ok else None)
-            self._guard.preflight(op, self._engine.comm, status, ident, hmod.msg_width(self.layout.ranks_per_node),
+            self._guard.preflight(op, self._engine.comm, status, ident, hmod.msg_width(self.node_layout.ranks_per_node),
                                   self._msg_device)
         elif status.code in (Code.HANDLE_TYPE, Code.HANDLE_FOREIGN):
             raise_status(op, status, self.num_ranks)
@@ -415,7 +421,7 @@ class Buffer:
                 if vw is not None:
                     vw.copy_(torch.where(mine, got["w"], 0.0))
 
-        stage2 = (lambda idx: hmod.stage2_rows(idx, self.layout, self.rank, epr))
+        stage2 = (lambda idx: hmod.stage2_rows(idx, self.node_layout, self.rank, epr))
         event_box = []
 
         def run():
@@ -596,7 +602,7 @@ class Buffer:
         self._guard.begin(what)
         status = OK if error is None else self._guard.status_of(error)
         ident = self._guard.identity(what, 0, 0, self._key)
-        self._guard.preflight(what, self._engine.comm, status, ident, hmod.msg_width(self.layout.ranks_per_node),
+        self._guard.preflight(what, self._engine.comm, status, ident, hmod.msg_width(self.node_layout.ranks_per_node),
                               self._msg_device)
 
     # ---- launching -----------------------------------------------------------------------------
