@@ -92,6 +92,20 @@ def positions(counts: list[int], device: torch.device) -> tuple[torch.Tensor, to
     return chunk_positions(torch.tensor(counts, dtype=torch.int64, device=device))
 
 
+def row_table(fmt: RowFormat, fields: dict[str, torch.Tensor], n: int, status: Status | torch.Tensor,
+              device: torch.device) -> torch.Tensor:
+    """``[n + 1, row_bytes]`` uint8: the n rows of ``fields`` packed once, then the status row (index n), for
+    senders that pick (and repeat) rows by index."""
+    table = torch.empty(n + 1, fmt.row_bytes, dtype=torch.uint8, device=device)
+    views = fmt.views(table[:n])
+    for name, t in fields.items():
+        views[name].copy_(t)
+    table[n].zero_()
+    table[n, :STATUS_BYTES].view(torch.int64).copy_(status if isinstance(status, torch.Tensor) else
+                                                     ints_on(status.ints(), device))
+    return table
+
+
 def pack(fmt: RowFormat, fields: dict[str, torch.Tensor], counts: list[int], status: Status | torch.Tensor,
          row_index: torch.Tensor | None = None) -> torch.Tensor:
     """Build a send buffer ``[sum(counts) + P, row_bytes]``: for each peer its status row and its rows.
@@ -120,12 +134,7 @@ def pack(fmt: RowFormat, fields: dict[str, torch.Tensor], counts: list[int], sta
         status_rows[:, :STATUS_BYTES].view(torch.int64).copy_(status.to(device).expand(len(counts), -1))
         out.index_copy_(0, status_pos, status_rows)
         return out
-    table = torch.empty(n + 1, fmt.row_bytes, dtype=torch.uint8, device=device)
-    views = fmt.views(table[:n])
-    for name, t in fields.items():
-        views[name].copy_(t)
-    table[n].zero_()
-    table[n, :STATUS_BYTES].view(torch.int64).copy_(status)
+    table = row_table(fmt, fields, n, status, device)
     status_pos, data_pos = positions(counts, device)
     index = torch.empty(data_pos.numel() + len(counts), dtype=torch.int64, device=device)
     index[status_pos] = n

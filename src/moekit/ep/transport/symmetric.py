@@ -249,18 +249,6 @@ class SymmetricTransport(RowEngine):
             self._plans[h] = plan
         return plan
 
-    @staticmethod
-    def _table(fmt: wire.RowFormat, fields: dict[str, torch.Tensor], n: int, status: Status,
-               device: torch.device) -> torch.Tensor:
-        """``[n + 1, rb]`` uint8: the n rows packed once, then the status row."""
-        table = torch.empty(n + 1, fmt.row_bytes, dtype=torch.uint8, device=device)
-        views = fmt.views(table[:n])
-        for name, t in fields.items():
-            views[name].copy_(t)
-        table[n].zero_()
-        table[n, :wire.STATUS_BYTES].view(torch.int64).copy_(wire.ints_on(status.ints(), device))
-        return table
-
     def _transfer(self, op: str, landing: Landing, traffic: Traffic) -> Transfer:
         def check():  # the status word heading each received chunk (a host read)
             raise_status(op, first_failure(landing.arrive()["_status"].tolist()), self.world_size)
@@ -287,7 +275,7 @@ class SymmetricTransport(RowEngine):
             return super().dispatch(op, plan, rows, async_op=async_op, stage2_rows=stage2_rows, out=out)
         fmt, fields, status = rows
         device = h.send_token.device
-        table = self._table(fmt, fields, h.num_tokens, status, device)
+        table = wire.row_table(fmt, fields, h.num_tokens, status, device)
         recv_counts = list(h.recv_counts)
 
         def gather(area, slot_rows):
@@ -303,7 +291,7 @@ class SymmetricTransport(RowEngine):
         fmt, fields, status = rows
         device = h.send_token.device
         m = h.num_recv_tokens
-        table = self._table(fmt, fields, m, status, device)
+        table = wire.row_table(fmt, fields, m, status, device)
         status_pos, data_pos = wire.positions(h.recv_counts, device)
         idx = torch.empty(m + self.world_size, dtype=torch.int64, device=device)
         idx[status_pos] = m
