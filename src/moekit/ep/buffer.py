@@ -26,7 +26,7 @@ from . import handle as hmod
 from .autograd import Backward, CombineFn, DispatchFn
 from .errors import OK, Code, DispatchMeta, InputError, Status, dtype_code, meta_mismatch, raise_status
 from .event import EventOverlap
-from .fp8 import FP8_DTYPE, num_scale_cols, quantize_1x128
+from .fp8 import FP8_DTYPE, num_scale_cols
 from .guard import Failure, Guard, handle_kind, identity_mismatch
 from .handle import DispatchHandle
 from .layout import DispatchLayout, get_dispatch_layout, token_ranks, tokens_per_expert
@@ -384,15 +384,9 @@ class Buffer:
         wire_fp8 = h.fp8
         # num_worst_tokens: outputs of that many rows, the received ones first (see _padded_rows).
         status, rows = _worst_status(h, self.rank)
-        fields = {}
-        if wire_fp8:
-            data, scales = (info.data, info.scales) if info.is_pair else quantize_1x128(info.data.detach())
-            fields["x"], fields["scales"] = data, scales
-        else:
-            fields["x"] = info.data.detach().to(h.x_dtype)  # another float dtype travels in the handle's
-        fields["idx"] = h.topk_idx if topk_idx is None else topk_idx.to(torch.int32)
-        if h.has_weights:
-            fields["w"] = h.topk_weights if topk_weights is None else topk_weights.detach()
+        weights = (h.topk_weights if topk_weights is None else topk_weights) if h.has_weights else None
+        fields = hmod.dispatch_fields(info, wire_fp8, h.x_dtype,
+                                      h.topk_idx if topk_idx is None else topk_idx.to(torch.int32), weights)
         out_dtype = FP8_DTYPE if wire_fp8 else info.data.dtype
         k = fields["idx"].shape[1]
         # The returned tensors have `rows` rows (> m with num_worst_tokens); the exchange fills their first m.

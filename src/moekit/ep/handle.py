@@ -18,7 +18,7 @@ import torch
 
 from ..dist import NodeLayout
 from .errors import META_INTS
-from .fp8 import num_scale_cols
+from .fp8 import num_scale_cols, quantize_1x128
 from .wire import Chunks, RowFormat
 
 
@@ -33,6 +33,22 @@ def dispatch_row_format(dtype: torch.dtype, hidden: int, fp8: bool, k: int, weig
     if weights:
         spec.append(("w", torch.float32, k))
     return RowFormat(spec)
+
+
+def dispatch_fields(info, fp8: bool, x_dtype: torch.dtype, idx: torch.Tensor,
+                    weights: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The fields of the rows of :func:`dispatch_row_format`: x of ``info`` (a ``checks.XInfo``) as FP8 (an FP8
+    pair's own data and scales, else quantized per 1x128 tile) or in ``x_dtype``, the int32 expert ids ``idx``,
+    and the fp32 ``weights`` when given."""
+    if fp8:
+        data, scales = (info.data, info.scales) if info.is_pair else quantize_1x128(info.data.detach())
+        fields = {"x": data, "scales": scales}
+    else:
+        fields = {"x": info.data.detach().to(x_dtype)}  # another float dtype travels in x_dtype
+    fields["idx"] = idx
+    if weights is not None:
+        fields["w"] = weights.detach()
+    return fields
 
 
 @dataclasses.dataclass(eq=False)

@@ -20,7 +20,7 @@ from . import handle as hmod
 from .buffer import CombineOutput, DispatchOutput
 from .errors import OK, DispatchMeta, InputError, dtype_code, meta_mismatch, raise_status
 from .event import EventOverlap
-from .fp8 import FP8_DTYPE, quantize_1x128
+from .fp8 import FP8_DTYPE
 from .handle import DispatchHandle, dispatch_row_format
 from .heap import virtual_heaps
 from .layout import token_ranks, tokens_per_expert
@@ -103,15 +103,7 @@ class VirtualGroup:
                 num_recv_tokens_per_expert_list=[round_up(c, expert_alignment) for c in received],
                 send_counts=send_counts, recv_counts=recv_counts, send_token=send_token, dispatch_format=fmt,
                 topk_idx=idxs[s].to(torch.int32), topk_weights=ws[s].detach().clone() if weights else None)
-            fields = {}
-            if wire_fp8:
-                data, scales = (info.data, info.scales) if info.is_pair else quantize_1x128(info.data.detach())
-                fields["x"], fields["scales"] = data, scales
-            else:
-                fields["x"] = info.data.detach()
-            fields["idx"] = h.topk_idx
-            if weights:
-                fields["w"] = ws[s].detach()
+            fields = hmod.dispatch_fields(info, wire_fp8, x_dtype, h.topk_idx, ws[s] if weights else None)
             transfers.append(self.transports[s].dispatch("dispatch", h, Rows(fmt, fields, OK)))  # push only
             self.stats[s].record(transfers[-1].traffic)
             handles.append(h)
