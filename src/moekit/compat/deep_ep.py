@@ -217,6 +217,13 @@ def _moekit_handle(handle, what: str):
 
 # ---- Buffer ------------------------------------------------------------------------------------
 
+def _recommended(table: dict[int, tuple[int, int, int, int]], num_ranks: int) -> Config:
+    """The Config of ``table`` (DeepEP's per-rank-count recommendations) for ``num_ranks``, with ``Buffer.num_sms``."""
+    if num_ranks not in table:
+        raise ValueError(f"num_ranks={num_ranks}: no recommended config (known: {sorted(table)})")
+    return Config(Buffer.num_sms, *table[num_ranks])
+
+
 class Buffer:
     """DeepEP's legacy ``deep_ep.Buffer`` over :class:`moekit.Buffer` (normal and low-latency modes).
 
@@ -321,9 +328,7 @@ class Buffer:
                  24: (32, 288, 8, 128), 32: (32, 288, 8, 128), 48: (32, 288, 8, 128), 64: (32, 288, 8, 128),
                  96: (20, 480, 12, 128), 128: (20, 560, 12, 128), 144: (32, 720, 12, 128),
                  160: (28, 720, 12, 128)}
-        if num_ranks not in table:
-            raise ValueError(f"num_ranks={num_ranks}: no recommended config (known: {sorted(table)})")
-        return Config(Buffer.num_sms, *table[num_ranks])
+        return _recommended(table, num_ranks)
 
     @staticmethod
     def get_combine_config(num_ranks: int) -> Config:
@@ -331,9 +336,7 @@ class Buffer:
         table = {2: (10, 256, 6, 128), 4: (9, 256, 6, 128), 8: (4, 256, 6, 128), 16: (4, 288, 12, 128),
                  24: (1, 288, 8, 128), 32: (1, 288, 8, 128), 48: (1, 288, 8, 128), 64: (1, 288, 8, 128),
                  96: (1, 480, 8, 128), 128: (1, 560, 8, 128), 144: (2, 720, 8, 128), 160: (2, 720, 8, 128)}
-        if num_ranks not in table:
-            raise ValueError(f"num_ranks={num_ranks}: no recommended config (known: {sorted(table)})")
-        return Config(Buffer.num_sms, *table[num_ranks])
+        return _recommended(table, num_ranks)
 
     def destroy(self) -> None:
         """Release the buffer (only with ``explicitly_destroy=True``, as DeepEP); later calls raise."""
