@@ -181,9 +181,20 @@ _Q_DIV16 = ("M", "K", "M_BUCKET", "N", "stride_xm", "stride_qm", "stride_wg", "s
 _G_DIV16 = ("M", "N", "K", "M_BUCKET", "stride_am", "stride_bn", "stride_cm", "stride_bg", "stride_ag", "stride_cg")
 
 
+def _cvt_variants(t: Target, spec) -> list[CompileSpec]:
+    """A quantizer's specs: with the vendor's FP8 conversion, and on NVIDIA also with the native cast (what
+    ``MOEKIT_PTX=0`` runs). ``spec(cvt, variant)`` builds one."""
+    from . import ptx
+
+    specs = [spec(ptx.cvt_mode_for(t.vendor), "default")]
+    if t.vendor == "cuda":
+        specs.append(spec(ptx.CVT_NATIVE, "MOEKIT_PTX=0"))
+    return specs
+
+
 @register("moekit.kernels.quant._token_group_quant_kernel")
 def _token_quant_spec(t: Target) -> list[CompileSpec]:
-    from . import ptx, quant
+    from . import quant
 
     cfg = (quant.get_cuda_quant_configs() if t.vendor == "cuda" else quant.get_hip_quant_configs())[0]
 
@@ -194,15 +205,12 @@ def _token_quant_spec(t: Target) -> list[CompileSpec]:
                                        pointers={"x_ptr": "bf16", "q_ptr": t.fp8.triton, "s_ptr": "fp32"},
                                        div16=_Q_DIV16)
 
-    specs = [spec(ptx.cvt_mode_for(t.vendor), "default")]
-    if t.vendor == "cuda":
-        specs.append(spec(ptx.CVT_NATIVE, "MOEKIT_PTX=0"))
-    return specs
+    return _cvt_variants(t, spec)
 
 
 @register("moekit.kernels.quant._block_quant_kernel")
 def _block_quant_spec(t: Target) -> list[CompileSpec]:
-    from . import ptx, quant
+    from . import quant
 
     def spec(cvt: int, variant: str) -> CompileSpec:
         consts = {"BLOCK": BLOCK, "UE8M0": False, "CVT": cvt, "FNUZ": t.fp8.fnuz, "FP8_MAX": t.fp8.max}
@@ -210,10 +218,7 @@ def _block_quant_spec(t: Target) -> list[CompileSpec]:
                            consts, num_warps=quant.BLOCK_QUANT_WARPS[t.vendor == "hip"], div16=_Q_DIV16,
                            variant=variant)
 
-    specs = [spec(ptx.cvt_mode_for(t.vendor), "default")]
-    if t.vendor == "cuda":
-        specs.append(spec(ptx.CVT_NATIVE, "MOEKIT_PTX=0"))
-    return specs
+    return _cvt_variants(t, spec)
 
 
 def _gemm_specs(kernel, t: Target, extra_pointers: dict[str, str]) -> list[CompileSpec]:
