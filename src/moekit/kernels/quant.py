@@ -20,7 +20,7 @@ import triton.language as tl
 from moekit import platform
 
 from . import reference as ref
-from ._backend import BLOCK, FP8_DTYPES, cdiv, check_dtype, resolve_backend, resolve_fp8_format
+from ._backend import BLOCK, FP8_DTYPES, FP8Format, cdiv, check_dtype, resolve_backend, resolve_fp8_format
 from .ptx import cvt_mode, to_e4m3
 
 _IN_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -111,10 +111,19 @@ def _block_quant_kernel(
     tl.store(s_ptr + g * stride_sg + pid_n * stride_sn + pid_k * stride_sk, s)
 
 
-def _check_scale_fmt(scale_fmt: str | None) -> bool:
+def _check_quant_args(name: str, t: torch.Tensor, scale_fmt: str | None,
+                      fp8_format: str | None) -> tuple[bool, FP8Format]:
+    """The quantizers' shared checks: ``t``'s dtype, ``scale_fmt`` (returns whether it is ue8m0) and the FP8
+    format (by name, or ``t``'s device's)."""
+    check_dtype(name, t, *_IN_DTYPES)
     if scale_fmt not in (None, "ue8m0"):
         raise ValueError(f"scale_fmt must be None or 'ue8m0', got {scale_fmt!r}")
-    return scale_fmt == "ue8m0"
+    return scale_fmt == "ue8m0", resolve_fp8_format(fp8_format, t.device)
+
+
+def _check_tile(name: str, size: int) -> None:
+    if size < 16 or size & (size - 1):
+        raise ValueError(f"{name} must be a power of two >= 16, got {size}")
 
 
 def per_token_group_quant(
@@ -142,13 +151,10 @@ def per_token_group_quant(
         ``Quantized(data [..., K] float8_e4m3fn | float8_e4m3fnuz, scales [..., K/group_size] float32)``; data
         contiguous, scales contiguous or M-major. No host synchronisation.
     """
-    check_dtype("x", x, *_IN_DTYPES)
-    ue8m0 = _check_scale_fmt(scale_fmt)
-    fmt = resolve_fp8_format(fp8_format, x.device)
+    ue8m0, fmt = _check_quant_args("x", x, scale_fmt, fp8_format)
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension (the one being quantized)")
-    if group_size < 16 or group_size & (group_size - 1):
-        raise ValueError(f"group_size must be a power of two >= 16, got {group_size}")
+    _check_tile("group_size", group_size)
     k = x.shape[-1]
     if k % group_size:
         raise ValueError(f"the last dimension of x ({k}) must be a multiple of group_size ({group_size})")
@@ -202,13 +208,10 @@ def per_block_quant(
         scales [..., ceil(N/block), ceil(K/block)] float32)``.
         No host synchronisation.
     """
-    check_dtype("w", w, *_IN_DTYPES)
-    ue8m0 = _check_scale_fmt(scale_fmt)
-    fmt = resolve_fp8_format(fp8_format, w.device)
+    ue8m0, fmt = _check_quant_args("w", w, scale_fmt, fp8_format)
     if w.dim() not in (2, 3):
         raise ValueError(f"w must be [N, K] or [G, N, K], got shape {list(w.shape)}")
-    if block < 16 or block & (block - 1):
-        raise ValueError(f"block must be a power of two >= 16, got {block}")
+    _check_tile("block", block)
     if resolve_backend(backend, w) == "torch":
         return Quantized(*ref.per_block_quant_ref(w, block, scale_fmt, fmt.name))
     w3 = w.unsqueeze(0) if w.dim() == 2 else w
