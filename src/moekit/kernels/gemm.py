@@ -260,6 +260,18 @@ def use_tma(*operands: torch.Tensor) -> bool:
     return platform.backend() == "cuda" and torch.cuda.get_device_capability(operands[0].device)[0] >= 9
 
 
+def kernel_operands(a: torch.Tensor, b: torch.Tensor, *, flat_a: bool = False,
+                    flat_b: bool = False) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """``(a, b, tma)`` as the GEMM kernels load them: last dims contiguous, and with TMA (:func:`use_tma`)
+    fully contiguous where ``flat_a`` / ``flat_b`` (a descriptor then sees that operand as one 2-D
+    ``[G * rows, K]`` view)."""
+    a, b = last_dim_contiguous(a), last_dim_contiguous(b)
+    tma = use_tma(a, b)
+    if tma:
+        a, b = (a.contiguous() if flat_a else a), (b.contiguous() if flat_b else b)
+    return a, b, tma
+
+
 def operand_arg(t2d: torch.Tensor, tma: bool):
     """The kernel argument for a 2-D FP8 operand: itself, or a TMA descriptor over it (tile set by the pre-hook)."""
     return TensorDescriptor.from_tensor(t2d, [16, BLOCK]) if tma else t2d
@@ -295,7 +307,7 @@ def fp8_gemm_nt(
     sms = resolve_num_sms(num_sms, a.device)
     if resolve_backend(backend, a) == "torch":
         return ref.fp8_gemm_nt_ref(a, a_scales, b, b_scales, out_dtype)
-    a, b = last_dim_contiguous(a), last_dim_contiguous(b)
+    a, b, tma = kernel_operands(a, b)
     out = torch.empty(m, n, dtype=out_dtype, device=a.device)
     if m == 0 or n == 0:
         return out
@@ -303,7 +315,6 @@ def fp8_gemm_nt(
     def grid(meta):
         return (min(sms, cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"])),)
 
-    tma = use_tma(a, b)
     _fp8_gemm_nt_kernel[grid](
         operand_arg(a, tma), a_scales, operand_arg(b, tma), b_scales, out, m, n, k, m_bucket(m),
         a.stride(0), a_scales.stride(0), a_scales.stride(1), b.stride(0), b_scales.stride(0), b_scales.stride(1),

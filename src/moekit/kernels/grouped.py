@@ -25,12 +25,11 @@ from .gemm import (
     clamped_offsets,
     fp8_tile_dot,
     get_configs,
-    last_dim_contiguous,
+    kernel_operands,
     m_bucket,
     operand_arg,
     resolve_num_sms,
     tile_coords,
-    use_tma,
 )
 
 
@@ -176,10 +175,7 @@ def m_grouped_fp8_gemm_nt_contiguous(
         return ref.m_grouped_contiguous_ref(a, a_scales, b, b_scales, m_indices, out_dtype)
     if not a.is_cuda:
         check_contiguous_layout(m_indices, num_groups)
-    a, b = last_dim_contiguous(a), last_dim_contiguous(b)
-    tma = use_tma(a, b)
-    if tma:
-        b = b.contiguous()  # the descriptor sees b as [G * N, K]
+    a, b, tma = kernel_operands(a, b, flat_b=True)  # b's descriptor sees [G * N, K]
     m_indices = m_indices.to(torch.int32)
     out = torch.empty(m, n, dtype=out_dtype, device=a.device)
     if m == 0 or n == 0:
@@ -234,10 +230,7 @@ def m_grouped_fp8_gemm_nt_masked(
     sms = resolve_num_sms(num_sms, a.device)
     if resolve_backend(backend, a) == "torch":
         return ref.m_grouped_masked_ref(a, a_scales, b, b_scales, masked_m.clamp(max=m_max), out_dtype)
-    a, b = last_dim_contiguous(a), last_dim_contiguous(b)
-    tma = use_tma(a, b)
-    if tma:  # the descriptors see a as [G * M_max, K] and b as [G * N, K]
-        a, b = a.contiguous(), b.contiguous()
+    a, b, tma = kernel_operands(a, b, flat_a=True, flat_b=True)  # descriptors: [G * M_max, K], [G * N, K]
     masked_m = masked_m.to(torch.int32)
     out = torch.empty(num_groups, m_max, n, dtype=out_dtype, device=a.device)
     if out.numel() == 0:
