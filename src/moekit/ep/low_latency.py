@@ -214,6 +214,16 @@ class LowLatencyMode:
         return _combine(self, x, topk_idx, topk_weights, handle, async_finish, return_recv_hook)
 
 
+def _exchange(mode: LowLatencyMode, send: torch.Tensor, block: int, block_bytes: int, async_op: bool) -> Transfer:
+    """Every rank's ``block`` rows to every rank; ``block_bytes`` (its [L, C] data rows) per peer count in
+    ``mode.stats``."""
+    t = mode.transport
+    transfer = t.exchange_blocks(send, block, traffic_by_peer([block_bytes] * t.world_size, t.layout, t.rank),
+                                 async_op=async_op)
+    mode.stats.record(transfer.traffic)
+    return transfer
+
+
 def _geometry(sizes: _Sizes, r: int):
     """(L, row format, header rows, rows per peer block, header ints) of a dispatch of ``sizes``."""
     l = sizes.num_experts // r
@@ -259,8 +269,7 @@ def _dispatch_block(mode: LowLatencyMode, x, topk_idx, sizes: _Sizes, round_scal
 
 def _dispatch(mode: LowLatencyMode, x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, use_fp8,
               async_finish, return_recv_hook, round_scale=True) -> LowLatencyDispatchOutput:
-    transport = mode.transport
-    op, r, rank = "low_latency_dispatch", transport.world_size, transport.rank
+    op, r = "low_latency_dispatch", mode.transport.world_size
     status, sizes, built = OK, None, None
     try:  # any exception while preparing this rank's block becomes its status (moekit.ep.guard)
         sizes = _check_dispatch(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, use_fp8, r)
@@ -293,9 +302,7 @@ def _dispatch(mode: LowLatencyMode, x, topk_idx, num_max_dispatch_tokens_per_ran
         head[:, STATUS_INTS:STATUS_INTS + META_INTS] = ints_on(sizes.meta(), device)
         head[:, :STATUS_INTS] = ints_on(status.ints(), device)
         slot = torch.zeros(0, e, dtype=torch.int64, device=device)
-    transfer = transport.exchange_blocks(send, block, traffic_by_peer([l * c * rb] * r, transport.layout, rank),
-                                         async_op=async_finish or return_recv_hook)
-    mode.stats.record(transfer.traffic)
+    transfer = _exchange(mode, send, block, l * c * rb, async_finish or return_recv_hook)
     recv_x = torch.empty(l, r * c, hidden, dtype=FP8_DTYPE if fp8 else sizes.x_dtype, device=device)
     recv_scales = torch.empty(l, r * c, num_scale_cols(hidden), dtype=torch.float32, device=device) if fp8 else None
     recv_count = torch.empty(l, dtype=torch.int64, device=device)
@@ -403,9 +410,7 @@ def _combine(mode: LowLatencyMode, x, topk_idx, topk_weights, handle, async_fini
         send = torch.zeros(r * block, rb, dtype=torch.uint8, device=device)
         send.view(r, block, rb)[:, 0, :STATUS_BYTES].view(torch.int64).copy_(
             ints_on(status.ints(), device).expand(r, -1))
-    transfer = transport.exchange_blocks(send, block, traffic_by_peer([l * c * rb] * r, transport.layout, rank),
-                                         async_op=async_finish or return_recv_hook)
-    mode.stats.record(transfer.traffic)
+    transfer = _exchange(mode, send, block, l * c * rb, async_finish or return_recv_hook)
     out_dtype = x.dtype if status.ok else handle.x_dtype
     out = torch.empty(t, hidden, dtype=out_dtype, device=device)
 
