@@ -185,15 +185,13 @@ def new_node_groups(group: ProcessGroup | None, layout: NodeLayout, pg_options=N
     """
     members = global_ranks(group)
     me = rank(group)
-    intra = inter = None
-    for node in range(layout.num_nodes):
-        ranks = [members[r] for r in layout.ranks_of_node(node)]
-        g = dist.new_group(ranks, pg_options=pg_options) if len(ranks) > 1 else None
-        if node == layout.node_of(me):
-            intra = g
-    for local in range(layout.ranks_per_node):
-        ranks = [members[r] for r in layout.ranks_with_local(local)]
-        g = dist.new_group(ranks, pg_options=pg_options) if len(ranks) > 1 else None
-        if local == layout.local_of(me):
-            inter = g
+
+    def mine(rank_lists, index: int) -> ProcessGroup | None:
+        """Create a sub-group per list of group ranks (of two or more) in order; return the ``index``-th."""
+        made = [dist.new_group([members[r] for r in ranks], pg_options=pg_options) if len(ranks) > 1 else None
+                for ranks in rank_lists]
+        return made[index]
+
+    intra = mine([layout.ranks_of_node(n) for n in range(layout.num_nodes)], layout.node_of(me))
+    inter = mine([layout.ranks_with_local(l) for l in range(layout.ranks_per_node)], layout.local_of(me))
     return NodeGroups(layout, intra, inter)
