@@ -17,8 +17,9 @@ import dataclasses
 import torch
 
 from ..dist import NodeLayout
-from .errors import META_INTS
+from .errors import META_INTS, STATUS_INTS
 from .fp8 import num_scale_cols, quantize_1x128
+from .guard import ID_INTS
 from .wire import Chunks, RowFormat
 
 
@@ -127,10 +128,10 @@ class DispatchHandle:
 
 
 # Counts message, one int64 row per destination d, sent by every source s.
-MSG_STATUS = slice(0, 5)
-MSG_ROWS = 5  # tokens s -> d
-MSG_NODE_ROWS = 6  # tokens s -> node(d)
-MSG_META = slice(7, 7 + META_INTS)  # the DispatchMeta ints (must agree across ranks)
+MSG_STATUS = slice(0, STATUS_INTS)
+MSG_ROWS = STATUS_INTS  # tokens s -> d
+MSG_NODE_ROWS = MSG_ROWS + 1  # tokens s -> node(d)
+MSG_META = slice(MSG_NODE_ROWS + 1, MSG_NODE_ROWS + 1 + META_INTS)  # the DispatchMeta ints (must agree across ranks)
 MSG_LOCAL = MSG_META.stop  # + l': tokens s -> (node(d), l'), for l' < G
 # Then (token, k) pairs s -> each expert of d, when d holds at most MSG_MAX_EXPERTS experts; beyond
 # that the per-expert counts take an all-reduce instead. The width must not depend on arguments that
@@ -138,11 +139,11 @@ MSG_LOCAL = MSG_META.stop  # + l': tokens s -> (node(d), l'), for l' < G
 MSG_MAX_EXPERTS = 32
 # Last columns: the call's identity (moekit.ep.guard.ID_INTS: call, handle's call number, mode, Buffer key),
 # so that a rank calling another method, or passing another call's handle, is reported, not mismatched.
-MSG_ID = slice(-4, None)
+MSG_ID = slice(-ID_INTS, None)
 
 
 def msg_width(ranks_per_node: int) -> int:
-    return MSG_LOCAL + ranks_per_node + MSG_MAX_EXPERTS + 4
+    return MSG_LOCAL + ranks_per_node + MSG_MAX_EXPERTS + ID_INTS
 
 
 def counts_message(in_rank: torch.Tensor, layout: NodeLayout, per_expert: torch.Tensor) -> torch.Tensor:
