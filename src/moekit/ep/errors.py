@@ -14,8 +14,6 @@ from typing import NamedTuple
 
 import torch
 
-STATUS_INTS = 5  # code, rank, a, b, c
-
 
 class Code(enum.IntEnum):
     OK = 0
@@ -269,7 +267,10 @@ class Status(NamedTuple):
         return self.code == 0
 
     def ints(self) -> list[int]:
-        return [int(self.code), int(self.rank), int(self.a), int(self.b), int(self.c)]
+        return [int(v) for v in self]
+
+
+STATUS_INTS = len(Status._fields)  # a status word: code, rank, a, b, c
 
 
 OK = Status()
