@@ -136,113 +136,89 @@ def _mismatch(a: int, b: int, c: int) -> str:
     return f"{MISMATCH_FIELDS[a]} differs between ranks: rank 0 passes {b_s}, it passes {c_s}"
 
 
-# code -> (exception type, or a function of (a, b, c) that picks one; message of (a, b, c)). One entry a code,
-# in code order, so that a code's message reads next to its neighbours'.
+# code -> (exception type, message). A message is a str.format template of a, b, c (and a_dtype, c_dtype: their
+# dtype_name), or a function of (a, b, c) where it says more than their values; a type that depends on them
+# (NUM_EXPERTS, EXCEPTION) is a function of (a, b, c) too. One entry a code, in code order.
 _MESSAGES: dict[Code, tuple[type[Exception] | Callable[[int, int, int], type[Exception]],
-                            Callable[[int, int, int], str]]] = {
-    Code.X_TYPE: (TypeError, lambda a, b, c:
-                  "x must be a tensor [T, H] or an (fp8 data [T, H], scales [T, ceil(H/128)]) pair"),
-    Code.X_NDIM: (ValueError, lambda a, b, c: f"x must be 2-D [num_tokens, hidden], got a {a}-D tensor"),
-    Code.X_DTYPE: (TypeError, lambda a, b, c: f"x must be bfloat16, float16 or float32, got {dtype_name(a)}"),
-    Code.FP8_DATA_DTYPE: (TypeError, lambda a, b, c:
-                          f"the data of an FP8 pair x must be a 2-D float8_e4m3fn tensor, got {dtype_name(a)}"),
-    Code.FP8_SCALES: (ValueError, lambda a, b, c:
-                      f"the scales of an FP8 pair x must be float32 [num_tokens, ceil(hidden/128)] = "
-                      f"[{a}, {b}], got {dtype_name(c)} with a different shape or dtype"),
-    Code.IDX_NDIM: (ValueError, lambda a, b, c:
-                    f"topk_idx must be 2-D [num_tokens, num_topk] with num_topk >= 1, got {a}-D"),
-    Code.IDX_DTYPE: (TypeError, lambda a, b, c: f"topk_idx must be int64, got {dtype_name(a)}"),
-    Code.W_SHAPE: (ValueError, lambda a, b, c: f"topk_weights must have the shape of topk_idx [{a}, {b}]"),
-    Code.W_DTYPE: (TypeError, lambda a, b, c: f"topk_weights must be float32, got {dtype_name(a)}"),
-    Code.NUM_TOKENS: (ValueError, lambda a, b, c: f"num_tokens differs between x ({a}) and topk_idx ({b})"),
-    Code.IDX_RANGE: (ValueError, lambda a, b, c: f"topk_idx values must lie in [-1, num_experts={b}), found {a}"),
-    Code.NUM_EXPERTS: (lambda a, b, c: TypeError if c else ValueError, lambda a, b, c:
-                       "num_experts must be an int (python or numpy), got another type" if c else
+                            str | Callable[[int, int, int], str]]] = {
+    Code.X_TYPE: (TypeError, "x must be a tensor [T, H] or an (fp8 data [T, H], scales [T, ceil(H/128)]) pair"),
+    Code.X_NDIM: (ValueError, "x must be 2-D [num_tokens, hidden], got a {a}-D tensor"),
+    Code.X_DTYPE: (TypeError, "x must be bfloat16, float16 or float32, got {a_dtype}"),
+    Code.FP8_DATA_DTYPE: (TypeError, "the data of an FP8 pair x must be a 2-D float8_e4m3fn tensor, got {a_dtype}"),
+    Code.FP8_SCALES: (ValueError, "the scales of an FP8 pair x must be float32 [num_tokens, ceil(hidden/128)] = "
+                                  "[{a}, {b}], got {c_dtype} with a different shape or dtype"),
+    Code.IDX_NDIM: (ValueError, "topk_idx must be 2-D [num_tokens, num_topk] with num_topk >= 1, got {a}-D"),
+    Code.IDX_DTYPE: (TypeError, "topk_idx must be int64, got {a_dtype}"),
+    Code.W_SHAPE: (ValueError, "topk_weights must have the shape of topk_idx [{a}, {b}]"),
+    Code.W_DTYPE: (TypeError, "topk_weights must be float32, got {a_dtype}"),
+    Code.NUM_TOKENS: (ValueError, "num_tokens differs between x ({a}) and topk_idx ({b})"),
+    Code.IDX_RANGE: (ValueError, "topk_idx values must lie in [-1, num_experts={b}), found {a}"),
+    Code.NUM_EXPERTS: (lambda a, b, c: TypeError if c else ValueError,
+                       lambda a, b, c: "num_experts must be an int (python or numpy), got another type" if c else
                        f"num_experts ({a}) must be a positive multiple of the number of ranks ({b})"),
-    Code.FP8_HIDDEN: (ValueError, lambda a, b, c:
-                      f"fp8=True needs a hidden size that is a multiple of 128, got {a}"),
-    Code.ALIGNMENT: (ValueError, lambda a, b, c: f"expert_alignment must be >= 1, got {a}"),
-    Code.HANDLE_TOKENS: (ValueError, lambda a, b, c:
-                         f"handle is from another layout: it was made for {a} tokens, x has {b}"),
-    Code.HANDLE_ROUTING: (ValueError, lambda a, b, c:
-                          "handle is from another layout: topk_idx sends tokens to other ranks than the handle's"),
-    Code.HANDLE_EXPERTS: (ValueError, lambda a, b, c:
-                          f"handle is from another layout: it was made for num_experts={a}, got {b}"),
-    Code.DEVICE: (ValueError, lambda a, b, c: "x, topk_idx and topk_weights must be on the same device"),
-    Code.CX_NDIM: (ValueError, lambda a, b, c:
-                   f"combine's x must be 2-D [num_recv_tokens, hidden], got a {a}-D tensor"),
-    Code.CX_DTYPE: (TypeError, lambda a, b, c:
-                    f"combine's x must be bfloat16, float16 or float32, got {dtype_name(a)}"),
-    Code.CX_ROWS: (ValueError, lambda a, b, c: f"combine's x must have the handle's {b} received rows, got {a}"),
-    Code.CX_HIDDEN: (ValueError, lambda a, b, c: f"combine's x must have the dispatched hidden size {b}, got {a}"),
+    Code.FP8_HIDDEN: (ValueError, "fp8=True needs a hidden size that is a multiple of 128, got {a}"),
+    Code.ALIGNMENT: (ValueError, "expert_alignment must be >= 1, got {a}"),
+    Code.HANDLE_TOKENS: (ValueError, "handle is from another layout: it was made for {a} tokens, x has {b}"),
+    Code.HANDLE_ROUTING: (ValueError, "handle is from another layout: topk_idx sends tokens to other ranks than the "
+                                      "handle's"),
+    Code.HANDLE_EXPERTS: (ValueError, "handle is from another layout: it was made for num_experts={a}, got {b}"),
+    Code.DEVICE: (ValueError, "x, topk_idx and topk_weights must be on the same device"),
+    Code.CX_NDIM: (ValueError, "combine's x must be 2-D [num_recv_tokens, hidden], got a {a}-D tensor"),
+    Code.CX_DTYPE: (TypeError, "combine's x must be bfloat16, float16 or float32, got {a_dtype}"),
+    Code.CX_ROWS: (ValueError, "combine's x must have the handle's {b} received rows, got {a}"),
+    Code.CX_HIDDEN: (ValueError, "combine's x must have the dispatched hidden size {b}, got {a}"),
     Code.MISMATCH: (ValueError, _mismatch),
-    Code.EMPTY_HIDDEN: (ValueError, lambda a, b, c: "x must have a hidden size >= 1"),
-    Code.IDX_MISSING: (ValueError, lambda a, b, c: "topk_idx and topk_weights may be None only with a handle"),
-    Code.HANDLE_HIDDEN: (ValueError, lambda a, b, c:
-                         f"handle is from another layout: it was made for hidden size {a}, x has {b}"),
-    Code.HANDLE_FP8: (ValueError, lambda a, b, c:
-                      "handle's rows are fixed by the dispatch that made it, " +
-                      ("an FP8 dispatch: pass an FP8 pair or fp8=True" if a else
-                       "a float dispatch: pass a float x without fp8 (or dispatch anew with fp8=True)")),
-    Code.HANDLE_TOPK: (ValueError, lambda a, b, c:
-                       f"handle is from another layout: it was made for num_topk={a}, topk_idx has {b}"),
-    Code.HANDLE_WEIGHTS: (ValueError, lambda a, b, c:
-                          "handle was made by a dispatch without topk_weights: it cannot carry topk_weights"),
-    Code.LL_CAPACITY: (ValueError, lambda a, b, c:
-                       f"num_tokens ({a}) exceeds num_max_dispatch_tokens_per_rank ({b})"),
-    Code.LL_COMBINE_X: (ValueError, lambda a, b, c:
-                        f"low_latency_combine's x must be bfloat16, float16 or float32 "
-                        f"[num_local_experts={a}, num_ranks * num_max_dispatch_tokens_per_rank={b}, hidden={c}]"),
-    Code.LL_ROUTING: (ValueError, lambda a, b, c:
-                      f"topk_idx and topk_weights must be int64 and float32 [{a}, num_topk] (the dispatch's T)"),
-    Code.LL_HANDLE: (TypeError, lambda a, b, c:
-                     "handle must be the LowLatencyHandle of a low_latency_dispatch of this Buffer"),
-    Code.LAYOUT_IN_RANK: (ValueError, lambda a, b, c:
-                          f"is_token_in_rank must be a torch.bool tensor [num_tokens={a}, num_ranks={b}] on x's "
-                          f"device"),
-    Code.LAYOUT_EXPERTS: (ValueError, lambda a, b, c:
-                          f"num_tokens_per_expert must be an int32/int64 tensor [num_experts] on x's device, "
-                          f"num_experts a positive multiple of the number of ranks ({a}) and equal to num_experts "
-                          f"when both are given"),
-    Code.LAYOUT_MISMATCH: (ValueError, lambda a, b, c:
-                           f"{'is_token_in_rank' if a == 0 else 'num_tokens_per_expert'} is not the layout of "
-                           f"topk_idx (get_dispatch_layout(topk_idx, num_experts))"),
-    Code.W_WITHOUT_IDX: (ValueError, lambda a, b, c:
-                         "topk_weights needs topk_idx: a layout-driven dispatch without topk_idx carries no weights"),
-    Code.WORST_TOKENS: (ValueError, lambda a, b, c:
-                        f"num_worst_tokens must be an int >= 0 (with a handle: 0 or the handle's, {b}), got {a}"),
-    Code.WORST_OVERFLOW: (ValueError, lambda a, b, c:
-                          f"num_worst_tokens ({b}) is too small: this rank receives {a} rows"),
-    Code.CW_WEIGHTS: (ValueError, lambda a, b, c:
-                      "combine got topk_weights, but the dispatch that made the handle had no topk_weights" if a < 0
-                      else f"combine's topk_weights must be float32 [num_recv_tokens={a}, num_topk={b}]"),
-    Code.CW_BIAS: (ValueError, lambda a, b, c:
-                   f"combine's bias must be a tensor or a pair of tensors [num_tokens={a}, hidden={b}] "
-                   f"of combine's x dtype ({dtype_name(c)})"),
-    Code.DENSE: (ValueError, lambda a, b, c:
-                 f"{ARGS[a]} must be a dense (strided) tensor with data, got " +
-                 ("a sparse tensor" if b == 0 else
-                  "a tensor on the meta device (it has no data; materialise it first)")),
-    Code.EXPERTS_LARGE: (ValueError, lambda a, b, c:
-                         f"num_experts ({a}) must be < 2**31 (expert ids travel as int32)"),
-    Code.EXCEPTION: (lambda a, b, c: EXCEPTION_TYPES[a], lambda a, b, c:
-                     f"{EXCEPTION_TYPES[a].__name__} while preparing its part of the call"),
+    Code.EMPTY_HIDDEN: (ValueError, "x must have a hidden size >= 1"),
+    Code.IDX_MISSING: (ValueError, "topk_idx and topk_weights may be None only with a handle"),
+    Code.HANDLE_HIDDEN: (ValueError, "handle is from another layout: it was made for hidden size {a}, x has {b}"),
+    Code.HANDLE_FP8: (ValueError, lambda a, b, c: "handle's rows are fixed by the dispatch that made it, " + (
+        "an FP8 dispatch: pass an FP8 pair or fp8=True" if a else
+        "a float dispatch: pass a float x without fp8 (or dispatch anew with fp8=True)")),
+    Code.HANDLE_TOPK: (ValueError, "handle is from another layout: it was made for num_topk={a}, topk_idx has {b}"),
+    Code.HANDLE_WEIGHTS: (ValueError, "handle was made by a dispatch without topk_weights: it cannot carry "
+                                      "topk_weights"),
+    Code.LL_CAPACITY: (ValueError, "num_tokens ({a}) exceeds num_max_dispatch_tokens_per_rank ({b})"),
+    Code.LL_COMBINE_X: (ValueError, "low_latency_combine's x must be bfloat16, float16 or float32 [num_local_experts="
+                                    "{a}, num_ranks * num_max_dispatch_tokens_per_rank={b}, hidden={c}]"),
+    Code.LL_ROUTING: (ValueError, "topk_idx and topk_weights must be int64 and float32 [{a}, num_topk] (the "
+                                  "dispatch's T)"),
+    Code.LL_HANDLE: (TypeError, "handle must be the LowLatencyHandle of a low_latency_dispatch of this Buffer"),
+    Code.LAYOUT_IN_RANK: (ValueError, "is_token_in_rank must be a torch.bool tensor [num_tokens={a}, num_ranks={b}] "
+                                      "on x's device"),
+    Code.LAYOUT_EXPERTS: (ValueError, "num_tokens_per_expert must be an int32/int64 tensor [num_experts] on x's "
+                                      "device, num_experts a positive multiple of the number of ranks ({a}) and "
+                                      "equal to num_experts when both are given"),
+    Code.LAYOUT_MISMATCH: (ValueError, lambda a, b, c: f"{'num_tokens_per_expert' if a else 'is_token_in_rank'} is "
+                                                       "not the layout of topk_idx (get_dispatch_layout(topk_idx, "
+                                                       "num_experts))"),
+    Code.W_WITHOUT_IDX: (ValueError, "topk_weights needs topk_idx: a layout-driven dispatch without topk_idx "
+                                     "carries no weights"),
+    Code.WORST_TOKENS: (ValueError, "num_worst_tokens must be an int >= 0 (with a handle: 0 or the handle's, {b}), "
+                                    "got {a}"),
+    Code.WORST_OVERFLOW: (ValueError, "num_worst_tokens ({b}) is too small: this rank receives {a} rows"),
+    Code.CW_WEIGHTS: (ValueError, lambda a, b, c: (
+        "combine got topk_weights, but the dispatch that made the handle had no topk_weights" if a < 0 else
+        f"combine's topk_weights must be float32 [num_recv_tokens={a}, num_topk={b}]")),
+    Code.CW_BIAS: (ValueError, "combine's bias must be a tensor or a pair of tensors [num_tokens={a}, hidden={b}] "
+                               "of combine's x dtype ({c_dtype})"),
+    Code.DENSE: (ValueError, lambda a, b, c: f"{ARGS[a]} must be a dense (strided) tensor with data, got " + (
+        "a sparse tensor" if b == 0 else "a tensor on the meta device (it has no data; materialise it first)")),
+    Code.EXPERTS_LARGE: (ValueError, "num_experts ({a}) must be < 2**31 (expert ids travel as int32)"),
+    Code.EXCEPTION: (lambda a, b, c: EXCEPTION_TYPES[a],
+                     lambda a, b, c: f"{EXCEPTION_TYPES[a].__name__} while preparing its part of the call"),
     Code.HANDLE_TYPE: (TypeError, lambda a, b, c: f"handle must be {HANDLE_KINDS[b]}, got {HANDLE_KINDS[a]}"),
-    Code.HANDLE_FOREIGN: (ValueError, lambda a, b, c:
-                          "handle is from another layout: it was made by a Buffer over another group, node layout "
-                          "or path"),
-    Code.HANDLE_STALE: (ValueError, lambda a, b, c:
-                        f"handle differs from the other ranks' in the {IDENTITY_FIELDS[a]}: theirs is {b}, "
-                        f"this rank's is {c} (a stale handle from an earlier call, or another Buffer's): every "
-                        "rank must pass the handle of the same call"),
-    Code.OP_MISMATCH: (ValueError, lambda a, b, c:
-                       f"ranks call different methods: the other ranks call {CALLS[a]}, this rank calls "
-                       f"{CALLS[b]} (every rank must make the same collective calls in the same order)"),
-    Code.LAYER_HIDDEN: (ValueError, lambda a, b, c:
-                        f"MoE: hidden_states must be [..., hidden_size={a}], got a {c}-D tensor ending in {b}"),
-    Code.HEAP_CAPACITY: (ValueError, lambda a, b, c:
-                         f"its rows for rank {c} need {a} rows but the symmetric heap's receive slot holds {b} "
-                         "rows of this size: build the Buffer with a larger heap_bytes"),
+    Code.HANDLE_FOREIGN: (ValueError, "handle is from another layout: it was made by a Buffer over another group, "
+                                      "node layout or path"),
+    Code.HANDLE_STALE: (ValueError, lambda a, b, c: (
+        f"handle differs from the other ranks' in the {IDENTITY_FIELDS[a]}: theirs is {b}, this rank's is {c} (a "
+        "stale handle from an earlier call, or another Buffer's): every rank must pass the handle of the same call")),
+    Code.OP_MISMATCH: (ValueError, lambda a, b, c: (
+        f"ranks call different methods: the other ranks call {CALLS[a]}, this rank calls {CALLS[b]} (every rank "
+        "must make the same collective calls in the same order)")),
+    Code.LAYER_HIDDEN: (ValueError, "MoE: hidden_states must be [..., hidden_size={a}], got a {c}-D tensor ending "
+                                    "in {b}"),
+    Code.HEAP_CAPACITY: (ValueError, "its rows for rank {c} need {a} rows but the symmetric heap's receive slot "
+                                     "holds {b} rows of this size: build the Buffer with a larger heap_bytes"),
 }
 
 
@@ -250,7 +226,10 @@ def _render(code: Code, a: int, b: int, c: int) -> tuple[type[Exception], str]:
     if code not in _MESSAGES:
         raise AssertionError(f"unknown status code {code}")
     exc, message = _MESSAGES[code]
-    return (exc if isinstance(exc, type) else exc(a, b, c)), message(a, b, c)
+    exc = exc if isinstance(exc, type) else exc(a, b, c)
+    if isinstance(message, str):
+        return exc, message.format(a=a, b=b, c=c, a_dtype=dtype_name(a), c_dtype=dtype_name(c))
+    return exc, message(a, b, c)
 
 
 class Status(NamedTuple):
