@@ -118,6 +118,13 @@ def check_routing(topk_idx, topk_weights, num_tokens: int, device: torch.device)
     return topk_idx.shape[1]
 
 
+def check_alignment(expert_alignment) -> None:
+    """``expert_alignment``: an int (``numbers.Integral``) >= 1."""
+    a = as_int(expert_alignment)
+    if a is None or a < 1:
+        raise InputError(Code.ALIGNMENT, 0 if a is None else _clamp(a))
+
+
 def check_num_experts(num_experts, num_ranks: int) -> int:
     """E: an int (python, numpy, any ``numbers.Integral``), positive, a multiple of R, < 2**31; returns it
     as a python int."""
@@ -153,9 +160,7 @@ def check_dispatch(x, topk_idx, topk_weights, num_experts, num_ranks: int, fp8: 
     check_expert_range(topk_idx, e)
     if fp8 and not info.is_pair and info.hidden % 128 != 0:
         raise InputError(Code.FP8_HIDDEN, info.hidden)
-    a = as_int(expert_alignment)
-    if a is None or a < 1:
-        raise InputError(Code.ALIGNMENT, 0 if a is None else _clamp(a))
+    check_alignment(expert_alignment)
     return info, k, e
 
 
@@ -202,8 +207,7 @@ def check_layout_dispatch(x, is_token_in_rank, num_tokens_per_expert, topk_weigh
                      info.data.device)
     if fp8 and not info.is_pair and info.hidden % 128 != 0:
         raise InputError(Code.FP8_HIDDEN, info.hidden)
-    if not is_int(expert_alignment, 1):
-        raise InputError(Code.ALIGNMENT, expert_alignment if isinstance(expert_alignment, int) else 0)
+    check_alignment(expert_alignment)
     return info, e
 
 
