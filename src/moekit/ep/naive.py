@@ -14,7 +14,7 @@ import torch
 
 from .. import dist as mdist
 from .._util import round_up
-from .buffer import CombineOutput, DispatchOutput
+from .dispatcher import CombineOutput, DispatchOutput
 from .event import EventOverlap
 from .stats import Traffic, TrafficStats, traffic_by_peer
 from .transport import Comm
