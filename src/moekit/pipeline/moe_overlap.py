@@ -281,9 +281,11 @@ class FBCoroutine:
         self._go.release()
         self._back.acquire()
         if self.done:
-            self._live = False
-            if self._error is not None and not isinstance(self._error, _Aborted):
-                raise self._error
+            # Drop the backward's closure (the paired micro-batch's outputs) and error with the pair.
+            self._live, self._fn = False, None
+            err, self._error = self._error, None
+            if err is not None and not isinstance(err, _Aborted):
+                raise err
 
     def finish(self) -> None:
         while not self.done:
