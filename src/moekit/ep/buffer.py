@@ -203,13 +203,13 @@ class Buffer:
             dequantize: with ``fp8`` and a float x, ``recv_x`` is the received rows dequantized to x's dtype
                 ``[M, H]`` (for ``moekit.MoE``), differentiable in x with a straight-through gradient: the
                 backward combines it home in x's dtype, with the weights' (DeepSeek-V3 §3.3: FP8 dispatch,
-                BF16 backward). Must be the same on every rank (it sizes the backward's rows).
+                BF16 backward). Must be the same on every rank, all with float x (it sizes the backward's rows).
             backward_hook: how this call's backward completes its transfer (``moekit.ep.dispatcher.
                 BackwardHook``; default: at once), e.g. letting other work run while it is in flight.
 
         Returns :class:`DispatchOutput`. Received rows are ordered by source rank, then token index.
-        ``recv_x`` is an FP8 pair when x is one or ``fp8=True``. Host sync: the counts exchange (none
-        with a handle unless ``topk_idx`` is given, which is checked against the handle).
+        ``recv_x`` is an FP8 pair when x is one or ``fp8=True`` (without ``dequantize``). Host sync: the counts
+        exchange (none with a handle unless ``topk_idx`` is given, which is checked against the handle).
         Differentiable in ``x`` (float x, no fp8 unless ``dequantize``) and ``topk_weights``; the backward is
         collective.
         Faults (docs/ep.md, "Faults"): whatever one rank raises while preparing its part is raised on every
