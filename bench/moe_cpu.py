@@ -5,9 +5,9 @@ runs moekit's Buffer with ``dispatch_fp8`` (rows sent in FP8 as DeepSeek-V3 does
 
     .venv/bin/python bench/moe_cpu.py [--tokens 512] [--hidden 256] [--experts 32] [--topk 8] [--steps 10]
 
-NaiveBuffer is not differentiable, so this script wraps it in autograd functions: dispatch's backward
-is its combine (public API) plus a reverse all-to-all of the weight gradients; combine's backward is a
-forward all-to-all of the output gradients, with the counts its handle holds.
+NaiveBuffer trains through moekit's own autograd pair (``moekit.ep.autograd``): dispatch's backward is
+its combine plus a reverse all-to-all of the weight gradients; combine's backward is a forward
+all-to-all of the output gradients, with the counts its handle holds.
 """
 
 from __future__ import annotations
@@ -22,67 +22,8 @@ from rich.console import Console
 from moekit import MoEConfig, benchtools
 from moekit.benchtools import calc_diff
 from moekit.ep.naive import NaiveBuffer
-from moekit.ep.stats import Traffic
 from moekit.moe import MoE, sync_grads
 from moekit.testing import spawn
-
-
-def _a2a(x: torch.Tensor, send: list[int], recv: list[int], stats) -> torch.Tensor:
-    """A reverse/forward all-to-all of rows, counted in ``stats`` like NaiveBuffer counts its own (one node)."""
-    out = x.new_empty(sum(recv), *x.shape[1:])
-    dist.all_to_all_single(out, x.contiguous(), output_split_sizes=recv, input_split_sizes=send)
-    row_bytes = x[0].numel() * x.element_size() if x.shape[0] else 0
-    me = dist.get_rank()
-    stats.record(Traffic(self_bytes=send[me] * row_bytes, intra_node_bytes=(sum(send) - send[me]) * row_bytes))
-    return out
-
-
-class _NaiveDispatch(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, w, naive, topk_idx, num_experts, box):
-        d = naive.dispatch(x.detach(), topk_idx, w.detach(), num_experts)
-        # The sender's row order (their docstring): destination rank, then token, then k.
-        flat = topk_idx.flatten()
-        pair = torch.nonzero(flat >= 0).flatten()
-        pair = pair[torch.sort(flat[pair] // (num_experts // naive.num_ranks), stable=True).indices]
-        ctx.naive, ctx.h, ctx.pair, ctx.wshape = naive, d.handle, pair, w.shape
-        box.append(d)
-        return d.recv_x, d.recv_topk_weights
-
-    @staticmethod
-    def backward(ctx, g_x, g_w):
-        gx = ctx.naive.combine(g_x.contiguous(), ctx.h).combined_x
-        back = _a2a(g_w.contiguous(), ctx.h.recv_counts, ctx.h.send_counts, ctx.naive.stats)  # one row per sent pair
-        gw = torch.zeros(ctx.wshape, dtype=g_w.dtype).flatten().index_put_((ctx.pair,), back.flatten())
-        return gx, gw.view(ctx.wshape), None, None, None, None
-
-
-class _NaiveCombine(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, naive, h):
-        ctx.h, ctx.naive = h, naive
-        return naive.combine(x, h).combined_x
-
-    @staticmethod
-    def backward(ctx, g):
-        return _a2a(g[ctx.h.send_token], ctx.h.send_counts, ctx.h.recv_counts, ctx.naive.stats), None, None
-
-
-class DifferentiableNaive:
-    """``NaiveBuffer`` behind moekit's dispatch/combine signature, with autograd."""
-
-    def __init__(self, group=None):
-        self.naive = NaiveBuffer(group)
-        self.stats = self.naive.stats
-
-    def dispatch(self, x, topk_idx, topk_weights, num_experts, **_):
-        box: list = []
-        recv_x, recv_w = _NaiveDispatch.apply(x, topk_weights, self.naive, topk_idx, num_experts, box)
-        return box[0]._replace(recv_x=recv_x, recv_topk_weights=recv_w)
-
-    def combine(self, x, handle, **_):
-        return _NaiveCombine.apply(x, self.naive, handle), None
-
 
 NAMES = ("naive", "moekit", "moekit-fp8")
 
@@ -95,7 +36,7 @@ def _rank(rank: int, world: int, opts: dict) -> dict:
     for name in NAMES:
         torch.manual_seed(0)  # the same weights for all
         layers[name] = MoE(cfg.replace(dispatch_fp8=name == "moekit-fp8"), ranks_per_node=world,
-                           buffer=DifferentiableNaive() if name == "naive" else None)
+                           buffer=NaiveBuffer() if name == "naive" else None)
     g = torch.Generator().manual_seed(rank)
     x = torch.randn(opts["tokens"], cfg.hidden_size, generator=g, requires_grad=True)
     grad = torch.randn(opts["tokens"], cfg.hidden_size, generator=g)

@@ -38,3 +38,35 @@ def _naive_rank(rank, world):
 
 def test_naive_dispatcher():
     spawn(_naive_rank, 4)
+
+
+def _naive_grad_rank(rank, world):
+    """The layer trained through NaiveBuffer (the Buffer's autograd pair) against the same layer on the Buffer."""
+    from moekit import MoEConfig
+    from moekit.moe import MoE
+
+    cfg = MoEConfig.preset("tiny", seq_aux_loss_alpha=0.0)
+    x = torch.randn(5 + 3 * rank, cfg.hidden_size, generator=torch.Generator().manual_seed(rank))
+    gy = torch.randn_like(x)
+    res = []
+    for buffer in (NaiveBuffer(), None):
+        torch.manual_seed(0)
+        moe = MoE(cfg, buffer=buffer)
+        xi = x.clone().requires_grad_()
+        y = moe(xi)
+        y.backward(gy)
+        res.append([y.detach(), xi.grad, moe.gate.weight.grad, moe.experts.gate_proj.grad])
+    # combine(topk_weights=): each row's weight back in its (token, k) slot
+    buf = NaiveBuffer()
+    idx = torch.randint(-1, cfg.n_routed_experts, (4, 3))
+    w = torch.rand(4, 3)
+    d = buf.dispatch(torch.randn(4, cfg.hidden_size), idx, w, cfg.n_routed_experts)
+    back = buf.combine(d.recv_x, d.handle, topk_weights=d.recv_topk_weights).combined_topk_weights
+    return res, torch.equal(back, torch.where(idx >= 0, w, 0.0))
+
+
+def test_naive_dispatcher_trains_like_the_buffer():
+    for (naive, ref), weights_back in spawn(_naive_grad_rank, 2):
+        for a, b in zip(naive, ref):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        assert weights_back

@@ -1,6 +1,7 @@
 """Expert-parallel communication: dispatch tokens to the ranks of their experts and combine them back."""
 
-from .buffer import Buffer, CombineOutput, DispatchOutput, WeightedCombineOutput
+from .buffer import Buffer
+from .dispatcher import CombineOutput, Dispatcher, DispatchOutput, WeightedCombineOutput
 from .errors import PeerTimeout
 from .event import EventOverlap
 from .handle import DispatchHandle
@@ -10,7 +11,6 @@ from .naive import NaiveBuffer
 from .stats import Traffic, TrafficStats
 from .virtual import VirtualGroup
 
-__all__ = ["Buffer", "CombineOutput", "DispatchHandle", "DispatchLayout", "DispatchOutput", "EventOverlap",
-           "LowLatencyCombineOutput", "LowLatencyDispatchOutput", "LowLatencyHandle", "NaiveBuffer", "PeerTimeout",
-           "Traffic",
-           "TrafficStats", "VirtualGroup", "WeightedCombineOutput", "get_dispatch_layout"]
+__all__ = ["Buffer", "CombineOutput", "DispatchHandle", "DispatchLayout", "DispatchOutput", "Dispatcher",
+           "EventOverlap", "LowLatencyCombineOutput", "LowLatencyDispatchOutput", "LowLatencyHandle", "NaiveBuffer",
+           "PeerTimeout", "Traffic", "TrafficStats", "VirtualGroup", "WeightedCombineOutput", "get_dispatch_layout"]

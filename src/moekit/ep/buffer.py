@@ -14,8 +14,6 @@ chunk. See docs/ep.md.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import torch.distributed as dist
 
@@ -24,9 +22,10 @@ from .._util import check_positive_int, round_up
 from . import checks
 from . import handle as hmod
 from .autograd import Backward, CombineFn, DispatchFn
+from .dispatcher import BackwardHook, CombineOutput, DispatchOutput, WeightedCombineOutput
 from .errors import OK, Code, DispatchMeta, InputError, Status, dtype_code, meta_mismatch, raise_status
 from .event import EventOverlap
-from .fp8 import FP8_DTYPE, num_scale_cols
+from .fp8 import FP8_DTYPE, dequantize_1x128, num_scale_cols
 from .guard import Failure, Guard, handle_kind, identity_mismatch
 from .handle import DispatchHandle
 from .layout import DispatchLayout, get_dispatch_layout, token_ranks, tokens_per_expert
@@ -35,32 +34,6 @@ from .stats import TrafficStats
 from .transport import Comm, Rows, Transfer, nccl
 from .transport.select import make_transport
 from .wire import Chunks, RowFormat
-
-
-class DispatchOutput(NamedTuple):
-    """Result of :meth:`Buffer.dispatch`."""
-
-    recv_x: torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # [M, H], or (e4m3 [M, H], fp32 scales [M, H/128])
-    recv_topk_idx: torch.Tensor | None  # [M, K] int64 local expert ids, -1 for experts on other ranks
-    recv_topk_weights: torch.Tensor | None  # [M, K] float32, 0 where recv_topk_idx is -1
-    num_recv_tokens_per_expert_list: list[int]  # [E / R] python ints rounded up to expert_alignment ([] w/ worst)
-    handle: DispatchHandle
-    event: EventOverlap
-
-
-class CombineOutput(NamedTuple):
-    """Result of :meth:`Buffer.combine`."""
-
-    combined_x: torch.Tensor  # [T, H], dtype of the combined x
-    event: EventOverlap
-
-
-class WeightedCombineOutput(NamedTuple):
-    """Result of :meth:`Buffer.combine` with ``topk_weights`` (DeepEP's order)."""
-
-    combined_x: torch.Tensor  # [T, H], dtype of the combined x
-    combined_topk_weights: torch.Tensor  # [T, K] float32: the received rows' weights summed back
-    event: EventOverlap
 
 
 def _destination_marks(is_token_in_rank: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -163,7 +136,7 @@ class Buffer:
         self.transport = self._engine.name
         self.stats = TrafficStats()
         self._comm_stream = None
-        self._backward = Backward(self._engine, self.stats, self._guard)
+        self._backward = Backward(self._engine, self._launch, self._guard)
         # Low-latency mode: on a host-check backend the sizes and statuses are exchanged before the block
         # (the host reads everything anyway); on a device backend they travel in the block's header.
         self._low_latency = LowLatencyMode(self._engine, self.stats, self._key, self._msg_device.type == "cpu",
@@ -204,7 +177,8 @@ class Buffer:
                  num_experts: int | None, *, fp8: bool = False, expert_alignment: int = 1,
                  async_finish: bool = False, handle: DispatchHandle | None = None,
                  is_token_in_rank: torch.Tensor | None = None, num_tokens_per_expert: torch.Tensor | None = None,
-                 num_worst_tokens: int = 0) -> DispatchOutput:
+                 num_worst_tokens: int = 0, dequantize: bool = False,
+                 backward_hook: BackwardHook | None = None) -> DispatchOutput:
         """Send each token once to every rank that holds one of its experts (collective).
 
         Args:
@@ -232,17 +206,24 @@ class Buffer:
                 A rank that receives more rows raises on every rank (from the in-band status of the data
                 exchange). On this collective transport the all-to-all's split sizes still come from the host
                 (one host sync, as without it): the shapes are fixed, the host wait is not removed.
+            dequantize: with ``fp8`` and a float x, ``recv_x`` is the received rows dequantized to x's dtype
+                ``[M, H]`` (for ``moekit.MoE``), differentiable in x with a straight-through gradient: the
+                backward combines it home in x's dtype, with the weights' (DeepSeek-V3 §3.3: FP8 dispatch,
+                BF16 backward). Must be the same on every rank, all with float x (it sizes the backward's rows).
+            backward_hook: how this call's backward completes its transfer (``moekit.ep.dispatcher.
+                BackwardHook``; default: at once), e.g. letting other work run while it is in flight.
 
         Returns :class:`DispatchOutput`. Received rows are ordered by source rank, then token index.
-        ``recv_x`` is an FP8 pair when x is one or ``fp8=True``. Host sync: the counts exchange (none
-        with a handle unless ``topk_idx`` is given, which is checked against the handle).
-        Differentiable in ``x`` (float x, no fp8) and ``topk_weights``; the backward is collective.
+        ``recv_x`` is an FP8 pair when x is one or ``fp8=True`` (without ``dequantize``). Host sync: the counts
+        exchange (none with a handle unless ``topk_idx`` is given, which is checked against the handle).
+        Differentiable in ``x`` (float x, no fp8 unless ``dequantize``) and ``topk_weights``; the backward is
+        collective.
         Faults (docs/ep.md, "Faults"): whatever one rank raises while preparing its part is raised on every
         rank, naming that rank; a wait longer than the Buffer's ``timeout`` raises ``PeerTimeout``.
         """
         if handle is not None:
             return self._cached_dispatch(x, topk_idx, topk_weights, num_experts, fp8, async_finish, handle,
-                                         num_worst_tokens)
+                                         num_worst_tokens, dequantize, backward_hook)
         seq = self._guard.begin("dispatch")
         lay, r = self.node_layout, self.num_ranks
         status, info, k, e = OK, None, 0, 0
@@ -309,7 +290,8 @@ class Buffer:
             topk_weights=topk_weights.detach().clone() if weights else None, num_worst_tokens=num_worst_tokens,
             seq=seq)
         # (A layout-driven dispatch returns no recv_topk_idx: its marks travel from the handle.)
-        return self._dispatch_data(h, info, fp8, topk_idx if out_idx else None, topk_weights, async_finish)
+        return self._dispatch_data(h, info, fp8, topk_idx if out_idx else None, topk_weights, async_finish, dequantize,
+                                   backward_hook)
 
     def _handle_status(self, handle, op: str) -> None:
         """Raise the InputError of a ``handle`` that is not a DispatchHandle of this Buffer's layout."""
@@ -331,7 +313,7 @@ class Buffer:
             raise_status(op, status, self.num_ranks)
 
     def _cached_dispatch(self, x, topk_idx, topk_weights, num_experts, fp8, async_finish, h: DispatchHandle,
-                         num_worst_tokens=0):
+                         num_worst_tokens=0, dequantize=False, backward_hook=None):
         self._guard.begin("dispatch")
         status, info = OK, None
         try:
@@ -375,10 +357,10 @@ class Buffer:
             self.stats.record(transfer.traffic)
             transfer.check()
             raise AssertionError("unreachable: the local status is a failure")
-        return self._dispatch_data(h, info, fp8, topk_idx, topk_weights, async_finish)
+        return self._dispatch_data(h, info, fp8, topk_idx, topk_weights, async_finish, dequantize, backward_hook)
 
     def _dispatch_data(self, h: DispatchHandle, info: checks.XInfo, fp8: bool, topk_idx, topk_weights,
-                       async_finish: bool) -> DispatchOutput:
+                       async_finish: bool, dequantize: bool = False, backward_hook=None) -> DispatchOutput:
         fmt = h.dispatch_format  # agreed by every rank: the same row size everywhere
         device, m, hidden = info.data.device, h.num_recv_tokens, info.hidden
         wire_fp8 = h.fp8
@@ -394,6 +376,9 @@ class Buffer:
         recv_scales = _padded_rows(rows, m, (num_scale_cols(hidden),), torch.float32, device, 0) if wire_fp8 else None
         recv_idx = _padded_rows(rows, m, (k,), torch.int64, device, -1) if topk_idx is not None else None
         recv_w = _padded_rows(rows, m, (k,), torch.float32, device, 0) if topk_weights is not None else None
+        # dequantize: the rows as x's dtype (bf16 after a pair), differentiable (straight-through) for a float x.
+        deq_dtype = h.x_dtype if info.is_pair else info.data.dtype
+        recv_deq = _padded_rows(rows, m, (hidden,), deq_dtype, device, 0) if wire_fp8 and dequantize else None
         vx, vs, vi, vw = (t[:m] if t is not None else None for t in (recv_x, recv_scales, recv_idx, recv_w))
         epr = h.num_experts // h.num_ranks
         lo = self.rank * epr
@@ -414,6 +399,8 @@ class Buffer:
                 vi.copy_(torch.where(mine, local, -1))
                 if vw is not None:
                     vw.copy_(torch.where(mine, got["w"], 0.0))
+            if recv_deq is not None:
+                recv_deq[:m].copy_(dequantize_1x128(vx, vs))
 
         stage2 = (lambda idx: hmod.stage2_rows(idx, self.node_layout, self.rank, epr))
         event_box = []
@@ -423,24 +410,28 @@ class Buffer:
                 lambda cpu_async: self._engine.dispatch("dispatch", h, Rows(fmt, fields, status), async_op=cpu_async,
                                                         stage2_rows=stage2, out=direct),
                 post, async_finish, device, [t for t in fields.values()]))
-            return recv_x, (recv_idx if recv_idx is not None else torch.empty(0, dtype=torch.int64)), \
+            return recv_x if recv_deq is None else recv_deq, \
+                (recv_idx if recv_idx is not None else torch.empty(0, dtype=torch.int64)), \
                 (recv_w if recv_w is not None else torch.empty(0))
 
-        x_grad = not wire_fp8 and info.data.requires_grad
+        # What the gradient flows to: a float x unless its rows went as FP8 without dequantize (as DeepEP's).
+        x_in = info.data if not wire_fp8 or (recv_deq is not None and not info.is_pair) else None
+        x_grad = x_in is not None and x_in.requires_grad
         w_grad = topk_weights is not None and topk_weights.requires_grad
         if torch.is_grad_enabled() and (x_grad or w_grad):
-            recv_x, ri, rw = DispatchFn.apply(self._backward, h, run, info.data if not wire_fp8 else None, topk_weights)
+            out_x, ri, rw = DispatchFn.apply(self._backward, backward_hook, h, run, x_in, topk_weights)
             recv_idx = ri if recv_idx is not None else None
             recv_w = rw if recv_w is not None else None
         else:
-            run()
-        out_x = (recv_x, recv_scales) if wire_fp8 else recv_x
+            out_x = run()[0]
+        if wire_fp8 and recv_deq is None:
+            out_x = (out_x, recv_scales)
         counts = [] if h.num_worst_tokens else list(h.num_recv_tokens_per_expert_list)
         return DispatchOutput(out_x, recv_idx, recv_w, counts, h, event_box[0])
 
     # ---- combine -------------------------------------------------------------------------------
     def combine(self, x: torch.Tensor, handle: DispatchHandle, *, topk_weights: torch.Tensor | None = None,
-                bias=None, async_finish: bool = False):
+                bias=None, async_finish: bool = False, backward_hook: BackwardHook | None = None):
         """Sum each token's received rows back to its source rank, in the original token order (collective).
 
         Args:
@@ -453,6 +444,7 @@ class Buffer:
             bias: ``None``, or one or two ``[T, H]`` tensors of x's dtype added to the combined rows on the
                 token's own rank (in float32, before the cast to x's dtype). Not differentiable.
             async_finish: return at once; ``event.wait()`` completes it.
+            backward_hook: how this call's backward completes its transfer (as in :meth:`dispatch`).
 
         Returns ``CombineOutput(combined_x [T, H] in x's dtype, event)``, or with ``topk_weights``
         ``WeightedCombineOutput(combined_x, combined_topk_weights [T, K] float32, event)`` (DeepEP's order);
@@ -491,13 +483,13 @@ class Buffer:
                 torch.zeros(m, k, dtype=torch.float32, device=x.device)
             w_out = torch.empty(handle.num_tokens, k, dtype=torch.float32, device=x.device)
         out = self._combine(x, handle, status, async_finish, (w_in, w_out) if w_out is not None else None,
-                            bias_parts)
+                            bias_parts, backward_hook)
         if topk_weights is None:
             return out
         return WeightedCombineOutput(out.combined_x, w_out, out.event)
 
     def _combine(self, x: torch.Tensor, h: DispatchHandle, status: Status, async_finish: bool,
-                 weights=None, bias=()) -> CombineOutput:
+                 weights=None, bias=(), backward_hook=None) -> CombineOutput:
         # The handle's dtype (and K weights when the dispatch had them): the same row size on every rank.
         fmt = RowFormat([("x", h.x_dtype, h.hidden)] + ([("w", torch.float32, weights[0].shape[1])]
                                                         if weights is not None else []))
@@ -524,7 +516,7 @@ class Buffer:
             return out
 
         if torch.is_grad_enabled() and x.requires_grad:
-            out = CombineFn.apply(self._backward, h, run, x)
+            out = CombineFn.apply(self._backward, backward_hook, h, run, x)
         else:
             run()
         return CombineOutput(out, event_box[0])

@@ -10,7 +10,7 @@ per-expert segments) -> Buffer.combine -> + shared experts. World size 1 runs no
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -21,6 +21,12 @@ from ..config import MoEConfig
 from ..routing.balance import BiasUpdate, ExpertLoad, attach_aux_loss, sequence_aux_loss, update_bias
 from ..routing.gate import Gate
 from .experts import MLP, RoutedExperts
+
+# moekit.ep is imported where it is used (a Buffer, R > 1; a fault; an FP8 round trip at R = 1), not here:
+# importing any of it loads the Buffer, its transports and Triton (~0.2 s), which a world-size-1 layer
+# never needs (`import moekit.moe` loads neither).
+if TYPE_CHECKING:
+    from ..ep.dispatcher import Dispatcher
 
 
 def run_steps(steps: Iterator):
@@ -44,7 +50,8 @@ class MoE(nn.Module):
         config: the model's :class:`MoEConfig` (validated against the EP layout here).
         group: the EP process group; ``None`` = the default group, or no distribution at all.
         ranks_per_node: the node layout for node-limited routing and the Buffer (default: ``moekit.dist``'s).
-        buffer: any object with moekit's ``dispatch``/``combine`` signature (e.g. ``moekit.ep.naive.NaiveBuffer``).
+        buffer: a :class:`moekit.ep.Dispatcher`: any object with moekit's ``dispatch``/``combine`` signature
+            (e.g. ``moekit.ep.naive.NaiveBuffer``).
         device, dtype: of the parameters; the gate's bias is always fp32.
         router: a module to use instead of the DeepSeek-V3 :class:`Gate` (``x [T, H] -> GateOutput``, with an
             ``e_score_correction_bias`` ``[E]`` for balancing and a ``reset_parameters()``), e.g. a
@@ -65,7 +72,7 @@ class MoE(nn.Module):
     """
 
     def __init__(self, config: MoEConfig, group: dist.ProcessGroup | None = None, *,
-                 ranks_per_node: int | None = None, buffer: Any = None, device=None, dtype=None,
+                 ranks_per_node: int | None = None, buffer: Dispatcher | None = None, device=None, dtype=None,
                  timeout: float | None = None, compute_dtype: torch.dtype | str | None = None,
                  router: nn.Module | None = None):
         super().__init__()
@@ -92,7 +99,7 @@ class MoE(nn.Module):
         self.load = ExpertLoad(e, device=device)
         self.aux_loss: torch.Tensor | None = None  # detached sequence aux loss of the latest training forward
         if buffer is None and self.ep_size > 1:
-            from ..ep.buffer import Buffer  # lazy: world size 1 needs no communication code
+            from ..ep.buffer import Buffer  # (lazy: see the imports)
 
             buffer = Buffer(group, ranks_per_node=layout.ranks_per_node,
                             **({} if timeout is None else {"timeout": timeout}))
@@ -126,43 +133,17 @@ class MoE(nn.Module):
         """
         return run_steps(self.forward_steps(hidden_states, async_finish=False))
 
-    def forward_steps(self, hidden_states: torch.Tensor, async_finish: bool = True) -> Iterator:
+    def forward_steps(self, hidden_states: torch.Tensor, async_finish: bool = True, *,
+                      dispatcher: Dispatcher | None = None) -> Iterator:
         """:meth:`forward` as a generator, for schedules that overlap communication with other work.
 
         With a Buffer and ``async_finish=True`` it yields the ``EventOverlap`` of the dispatch, then that
         of the combine, right after launching each; the caller may compute meanwhile and resumes it, and it
         waits for the event itself. Yields nothing at world size 1 or with ``async_finish=False``.
-        Returns (``StopIteration.value``) the output, identical to ``forward``'s.
+        ``dispatcher``: moves this forward's rows (and its backward's) instead of ``self.buffer``, which it
+        must wrap (e.g. ``moekit.pipeline.MoEStage``'s, which overlaps the backward's transfers); ignored
+        at world size 1. Returns (``StopIteration.value``) the output, identical to ``forward``'s.
         """
-        return (yield from self._steps(hidden_states, async_finish, None))
-
-    def forward_steps_cut(self, hidden_states: torch.Tensor, link: Callable, async_finish: bool = True,
-                          cut: tuple[str, ...] = ("dispatch", "combine")) -> Iterator:
-        """:meth:`forward_steps` with the autograd graph cut at the Buffer, for schedules that also run the
-        *backward's* dispatch/combine themselves (``moekit.pipeline.MoEStage``).
-
-        The transfers named in ``cut`` run on detached tensors (no Buffer autograd), and ``link`` joins
-        the graph again once each has completed; what it returns is what the forward goes on with:
-
-        - ``link("dispatch", buffer, handle, (x, topk_weights), (recv_x, recv_topk_weights), recv_topk_idx)``
-          → ``(recv_x, recv_topk_weights)``: x ``[T, H]``, topk_weights ``[T, K]`` fp32 (gate outputs, in
-          the graph), recv_x ``[M, H]`` in x's dtype (dequantized when ``dispatch_fp8``), recv_topk_*
-          ``[M, K]`` as ``Buffer.dispatch`` returns them. Its backward must combine the gradients home.
-        - ``link("combine", buffer, handle, (expert_out,), (combined,), None)`` → ``(combined,)``:
-          expert_out ``[M, H]`` (in the graph), combined ``[T, H]``. Its backward must dispatch the
-          gradient along ``handle`` (an FP8 handle after an FP8 dispatch).
-
-        A transfer not in ``cut`` keeps the Buffer's own autograd. Without a Buffer (world size 1)
-        ``link`` is never called and this is :meth:`forward_steps`. Yields and returns as
-        :meth:`forward_steps`; the output is identical to ``forward``'s.
-        """
-        unknown = set(cut) - {"dispatch", "combine"}
-        if unknown:
-            raise ValueError(f"forward_steps_cut: cut names 'dispatch' and/or 'combine', got {sorted(unknown)}")
-        return (yield from self._steps(hidden_states, async_finish, link, tuple(cut)))
-
-    def _steps(self, hidden_states: torch.Tensor, async_finish: bool, link: Callable | None,
-               cut: tuple[str, ...] = ()) -> Iterator:
         shape = hidden_states.shape
         h = self.config.hidden_size
         try:
@@ -171,13 +152,8 @@ class MoE(nn.Module):
             x = hidden_states.reshape(-1, h)
             topk_idx, topk_weights, scores = self.gate(x)  # [T, K], [T, K], [T, E]
         except Exception as err:
-            if not self._guarded():
-                raise
-            from ..ep.guard import Failure
-
             # The peers are in the dispatch: take part with this error, so every rank raises it.
-            self.buffer.dispatch(Failure(err), None, None, self.config.n_routed_experts)
-            raise AssertionError("unreachable: the dispatch raises this rank's error") from err
+            self._report(err, lambda failure: self.buffer.dispatch(failure, None, None, self.config.n_routed_experts))
         with torch.no_grad():
             self.load.record(topk_idx)
         fp8 = self.config.dispatch_fp8
@@ -195,40 +171,23 @@ class MoE(nn.Module):
             xe = x + (_fp8_round_trip(x) - x).detach() if fp8 else x
             y = self.experts(xe, topk_idx, topk_weights)
         else:
+            buf = self.buffer if dispatcher is None else dispatcher
             kw = dict(async_finish=True) if async_finish else {}
-            # A cut transfer sees detached tensors: the Buffer's own autograd stays out of the graph.
-            cut_dispatch, cut_combine = link is not None and "dispatch" in cut, link is not None and "combine" in cut
-            xd, wd = (x.detach(), topk_weights.detach()) if cut_dispatch else (x, topk_weights)
-            d = self.buffer.dispatch(xd, topk_idx, wd, self.config.n_routed_experts, fp8=fp8, **kw)
+            # dispatch_fp8: the rows travel in FP8 and arrive dequantized to x's dtype, with a straight-through
+            # gradient (the backward's combine in x's dtype), as DeepSeek-V3's FP8 dispatch (§3.3).
+            d = buf.dispatch(x, topk_idx, topk_weights, self.config.n_routed_experts, fp8=fp8, dequantize=fp8, **kw)
             if async_finish:
                 yield d.event
                 d.event.wait()
-            recv_x = d.recv_x
-            if fp8 and isinstance(recv_x, (tuple, list)):  # (a buffer without FP8 returns a tensor)
-                from ..ep.fp8 import dequantize_1x128
-
-                recv_x = dequantize_1x128(*recv_x).to(x.dtype)
-                if not cut_dispatch:
-                    recv_x = _FP8DispatchGrad.apply(x, recv_x, self.buffer, d.handle)
-            recv_w = d.recv_topk_weights
-            if cut_dispatch:
-                recv_x, recv_w = link("dispatch", self.buffer, d.handle, (x, topk_weights), (recv_x, recv_w),
-                                      d.recv_topk_idx)
             try:
-                expert_out = self.experts(recv_x, d.recv_topk_idx, recv_w, list(d.num_recv_tokens_per_expert_list))
-            except Exception as err:
-                if not self._guarded():
-                    raise
-                from ..ep.guard import Failure
-
-                self.buffer.combine(Failure(err), d.handle)  # the peers are in the combine: raises everywhere
-                raise AssertionError("unreachable: the combine raises this rank's error") from err
-            y, event = self.buffer.combine(expert_out.detach() if cut_combine else expert_out, d.handle, **kw)
+                expert_out = self.experts(d.recv_x, d.recv_topk_idx, d.recv_topk_weights,
+                                          list(d.num_recv_tokens_per_expert_list))
+            except Exception as err:  # the peers are in the combine: raise this error everywhere
+                self._report(err, lambda failure: buf.combine(failure, d.handle))
+            y, event = buf.combine(expert_out, d.handle, **kw)
             if async_finish:
                 yield event
                 event.wait()
-            if cut_combine:
-                (y,) = link("combine", self.buffer, d.handle, (expert_out,), (y,), None)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         alpha = self.config.seq_aux_loss_alpha
@@ -252,9 +211,19 @@ class MoE(nn.Module):
         """Whether this layer's faults travel through its Buffer (a moekit.Buffer, R > 1)."""
         if self.buffer is None:
             return False
-        from ..ep.buffer import Buffer
+        from ..ep.buffer import Buffer  # (lazy: see the imports)
 
         return isinstance(self.buffer, Buffer)
+
+    def _report(self, err: Exception, call: Callable) -> None:
+        """Re-raise ``err``; with a Buffer first ``call(Failure(err))``: the collective the peers are in,
+        which raises this rank's error on every rank (moekit.ep.guard)."""
+        if not self._guarded():
+            raise err
+        from ..ep.guard import Failure  # (lazy: see the imports)
+
+        call(Failure(err))
+        raise AssertionError("unreachable: the collective raises this rank's error") from err
 
     @torch.no_grad()
     def update_bias(self) -> BiasUpdate:
@@ -293,7 +262,7 @@ class MoE(nn.Module):
 
 def _hidden_error(h: int, shape, collective: bool) -> Exception:
     if collective:
-        from ..ep.errors import Code, InputError
+        from ..ep.errors import Code, InputError  # (lazy: see the imports)
 
         return InputError(Code.LAYER_HIDDEN, h, shape[-1] if len(shape) else 0, len(shape))
     return ValueError(f"MoE: hidden_states must end in hidden_size ({h}), got {list(shape)}")
@@ -319,24 +288,9 @@ def _collective_load_check(module: MoE, state_dict, prefix, local_metadata, stri
 
 def _fp8_round_trip(x: torch.Tensor) -> torch.Tensor:
     """What an FP8 dispatch delivers: ``x`` quantized per 1x128 tile (power-of-two scales) and back."""
-    from ..ep.fp8 import dequantize_1x128, quantize_1x128
+    from ..ep.fp8 import dequantize_1x128, quantize_1x128  # (lazy: see the imports)
 
     return dequantize_1x128(*quantize_1x128(x.detach())).to(x.dtype)
-
-
-class _FP8DispatchGrad(torch.autograd.Function):
-    """Identity on the dequantized received rows; backward sends their gradient home with a combine (in
-    the activations' dtype), i.e. the FP8 quantization is straight-through, as DeepSeek-V3's FP8 dispatch
-    with a BF16 backward. The Buffer does not differentiate an FP8 dispatch through ``x`` itself."""
-
-    @staticmethod
-    def forward(ctx, x, recv_x, buffer, handle):
-        ctx.buffer, ctx.handle = buffer, handle
-        return recv_x.view_as(recv_x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return ctx.buffer.combine(grad.contiguous(), ctx.handle)[0], None, None, None
 
 
 def moe_layers(model: nn.Module) -> list[MoE]:
