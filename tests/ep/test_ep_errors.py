@@ -95,6 +95,9 @@ def _bad_cases(buf: Buffer, rank: int, world: int):
          lambda: buf.dispatch(x, torch.full_like(idx, e) if bad else idx, w, e, handle=ok.handle)),
         ("fp8 pair dtype differs", ValueError, "x dtype (bfloat16 for an FP8 pair) differs between ranks",
          lambda: buf.dispatch(quantize_1x128(x) if bad else x, idx, w, e, fp8=True)),
+        # dequantize sizes the backward's rows (x travels back only when the FP8 rows were dequantized).
+        ("dequantize differs", ValueError, "dequantize (with FP8 rows) differs between ranks: rank 0 passes 0, "
+         "it passes 1", lambda: buf.dispatch(x, idx, w, e, fp8=True, dequantize=bad)),
     ]
 
 
@@ -192,7 +195,8 @@ def test_bad_input_on_one_rank(world, hierarchical, rpn):
     else:
         results = spawn(_errors_rank, world, hierarchical, rpn)
     for i, (name, exc, text, _) in enumerate(results[0]):
-        if world == 1 and name in ("hidden differs", "K differs", "E not divisible", "fp8 pair dtype differs"):
+        if world == 1 and name in ("hidden differs", "K differs", "E not divisible", "fp8 pair dtype differs",
+                                     "dequantize differs"):
             assert results[0][i][3] is None  # one rank cannot disagree with itself
             continue
         per_rank = [r[i][3] for r in results]

@@ -255,7 +255,8 @@ class Buffer:
             # The dtype of combine and of later float exchanges on the handle: x's, bf16 for an FP8 pair.
             x_dtype = torch.bfloat16 if info.is_pair else info.data.dtype
             meta = DispatchMeta(hidden=info.hidden, x_dtype=dtype_code(x_dtype), num_experts=e, num_topk=k,
-                                fp8=int(wire_fp8), has_weights=int(weights))
+                                fp8=int(wire_fp8), has_weights=int(weights),
+                                dequantize=int(wire_fp8 and bool(dequantize)))
         except Exception as err:  # noqa: BLE001 - reported on every rank below
             status = self._guard.status_of(err)
             msg = torch.zeros(r, hmod.msg_width(lay.ranks_per_node), dtype=torch.int64, device=msg_dev)

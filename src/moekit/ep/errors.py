@@ -94,13 +94,15 @@ class DispatchMeta(NamedTuple):
     fp8: int = 0  # 1: the rows travel as FP8
     has_weights: int = 0
     capacity: int = 0  # num_max_dispatch_tokens_per_rank
+    dequantize: int = 0  # 1: FP8 rows dequantized on arrival (differentiable): sizes the backward's rows
 
 
 META_INTS = len(DispatchMeta._fields)
 # What an error message calls each DispatchMeta field.
 _META_NAMES = dict(hidden="hidden size", x_dtype="x dtype (bfloat16 for an FP8 pair)", num_experts="num_experts",
                    num_topk="num_topk (K)", fp8="fp8 (x is an FP8 pair or fp8=True)",
-                   has_weights="topk_weights given", capacity="num_max_dispatch_tokens_per_rank")
+                   has_weights="topk_weights given", capacity="num_max_dispatch_tokens_per_rank",
+                   dequantize="dequantize (with FP8 rows)")
 MISMATCH_FIELDS = [_META_NAMES[f] for f in DispatchMeta._fields]
 
 
