@@ -12,11 +12,11 @@ from __future__ import annotations
 from .cluster import CLUSTER_PRESETS, ClusterSpec, ParallelPlan, load_cluster, load_plan
 from .memory import MemoryReport, activation_bytes
 from .planner import LayerReport, PlanResult, StepReport, ep_sweep, plan, sm_sweep, smallest_hiding_sms
-from .routing import Routing, Spread, expected_spread, parse_routing
 from .schedules import SCHEDULES, bubble_formula, rank_orders
 from .search import Candidate, SearchResult, search
 from .sim import SimResult, StageCosts, UniformCosts, simulate
 from .sms import deepep_theoretical_sms, sm_table
+from .spread import Routing, Spread, expected_spread, parse_routing
 
 __all__ = [
     "CLUSTER_PRESETS", "Candidate", "ClusterSpec", "LayerReport", "MemoryReport", "ParallelPlan", "PlanResult",

@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 from ..config import MoEConfig
 from .cluster import ClusterSpec
-from .routing import Spread
+from .spread import Spread
 
 
 class TokenFlops(NamedTuple):

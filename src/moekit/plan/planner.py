@@ -1,6 +1,6 @@
 """``plan()``: from a model, a cluster and a parallel plan to per-layer and per-step predictions.
 
-Pipeline: routing -> expected fan-out (``routing.py``) -> bytes and times of one MoE layer
+Pipeline: routing -> expected fan-out (``spread.py``) -> bytes and times of one MoE layer
 (``cost.py``) -> the smallest comm SM count that hides communication under the overlapped F&B pair
 (``auto``) -> layers cut into balanced pipeline stages -> ``simulate`` one step -> + data-parallel
 gradient sync and optimizer -> step time, MFU, tokens/s/GPU, GPU-hours per trillion tokens.
@@ -39,9 +39,9 @@ from .memory import (
     ep_buffer_bytes,
     peak_activations,
 )
-from .routing import Routing, Spread, expected_spread, parse_routing
 from .schedules import Layout, bubble_formula, layout, rank_orders
 from .sim import SimResult, StageCosts, simulate, two_stream
+from .spread import Routing, Spread, expected_spread, parse_routing
 
 
 class LayerReport(NamedTuple):
