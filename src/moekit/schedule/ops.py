@@ -205,8 +205,7 @@ def _dual_program(b: _Builder, n: int, r: int, c: int, turn: bool) -> list[Op]:
         b.W()
         b.F(1)
     # nF0B1F1B0, the main step: every op is an F&B pair, one per direction per round. At the turn, the
-    # first pair runs as F then B, not overlapped: its backward then leaves sooner, which shortens the
-    # neighbours' wait.
+    # first pair runs as F then B, not overlapped (DeepSeek's choice, for a smaller bubble).
     for i in range(c - 2 * n + r + 1):
         if i == 0 and turn:
             b.F(0)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import operator
-from functools import lru_cache
 from typing import NamedTuple, Protocol
 
 from .ops import Op, Stage, check_schedule, layout
@@ -104,7 +103,7 @@ class Simulation:
     records: list[PhaseRecord]
     programs: tuple[tuple[Op, ...], ...]
     times: list[list[tuple[float, float]]]
-    compiled: tuple = dataclasses.field(default=(), repr=False)  # the programs as the simulator ran them
+    _compiled: tuple = dataclasses.field(default=(), repr=False)  # the programs as the simulator ran them
 
     @functools.cached_property
     def sends(self) -> list[tuple[float, Message]]:
@@ -112,7 +111,7 @@ class Simulation:
         # Built after the run rather than during it: the search never asks, and the tuples cost
         # the run's garbage collector more than the sorting does.
         order = []
-        for r, (ops, times) in enumerate(zip(self.compiled, self.times)):
+        for r, (ops, times) in enumerate(zip(self._compiled, self.times)):
             for i, (c, (_, end)) in enumerate(zip(ops, times)):
                 for j, msg in enumerate(c.sends):
                     order.append((end, r, i, j, msg))
@@ -180,7 +179,7 @@ def _compile(schedule: str, num_ranks: int, progs) -> tuple[tuple[_Compiled, ...
     return tuple(out)
 
 
-@lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=64)
 def _compiled(schedule: str, num_ranks: int, num_microbatches: int) -> tuple[tuple[_Compiled, ...], ...]:
     return _compile(schedule, num_ranks, _programs(schedule, num_ranks, num_microbatches))
 
