@@ -28,7 +28,6 @@ import torch.nn as nn
 from moekit.pipeline import (
     DualPipe,
     DualPipeV,
-    Durations,
     OneFOneB,
     WeightGradStore,
     gather_records,
@@ -36,8 +35,8 @@ from moekit.pipeline import (
     run_backward,
     set_p2p_tensor_dtype,
     set_p2p_tensor_shapes,
-    simulate,
 )
+from moekit.schedule import UniformCosts, bubble_formula, simulate
 from moekit.testing import spawn
 
 ROWS, HIDDEN = 2, 8  # the tensor passed along: tiny, the sleeps are the work
@@ -227,7 +226,9 @@ def main() -> None:
 
     fb_ms = args.fb_ms if args.fb_ms is not None else args.f_ms + args.b_ms
     times = {"F": args.f_ms / 1e3, "B": args.b_ms / 1e3, "W": args.w_ms / 1e3, "FB": fb_ms / 1e3}
-    dur = Durations(args.f_ms, args.b_ms, args.w_ms, fb_ms)
+    # DeepSeek's README counts B as the full backward, of which W is the weight part.
+    f, b, w = args.f_ms, args.b_ms - args.w_ms, args.w_ms
+    costs = UniformCosts(f, b, w, fb_ms)
     tag = (f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores), gloo, torch "
            f"{torch.__version__}, {datetime.date.today().isoformat()}")
     console = Console(width=170)
@@ -242,12 +243,10 @@ def main() -> None:
         base = None  # the max bubble of 1F1B, measured first
         for kind, name in (("1f1b", "1F1B"), ("dualpipe", "DualPipe"), ("dualpipev", "DualPipeV")):
             ranks = pp // 2 if kind == "dualpipev" else pp
-            formula = (pp - 1) * (dur.F + dur.B) if kind == "1f1b" else (pp / 2 - 1) * (fb_ms + dur.B - 3 * dur.W)
-            sim = simulate(kind, ranks, args.chunks, dur)
-            sim_bubble = max(sim.makespan - sum(e - s for s, e in t) for t in sim.times)
+            formula = bubble_formula(kind, ranks, f, b, w, fb_ms)
+            sim_bubble = max(simulate(kind, ranks, args.chunks, costs, records=False).bubble)
             records, span, bubbles, peaks, latency = _measure(kind, pp, args.chunks, times, args.steps)
-            lat = simulate(kind, ranks, args.chunks, dur, latency=latency * 1e3)
-            lat_bubble = max(lat.makespan - sum(e - s for s, e in t) for t in lat.times)
+            lat_bubble = max(simulate(kind, ranks, args.chunks, costs, p2p=latency * 1e3, records=False).bubble)
             span_ms = span * 1e3
             base = base or max(bubbles)
             want_act = pp if kind == "1f1b" else pp + 1

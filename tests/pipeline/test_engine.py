@@ -200,7 +200,8 @@ def test_two_tensors_batch_dim_1(extra, rows, seed):
 def test_zero_bubble_backwards_defer_weight_gradients_to_w(monkeypatch):
     # A "z" backward must only queue its weight gradients (WeightGradStore.put) and the schedule's W must run
     # them; the numbers alone cannot tell (a backward that computes everything at once gives the same grads).
-    from moekit.pipeline import WeightGradStore, schedules
+    from moekit.pipeline import WeightGradStore
+    from moekit.schedule import program
 
     events = []
     real_put = WeightGradStore.put.__func__
@@ -218,8 +219,8 @@ def test_zero_bubble_backwards_defer_weight_gradients_to_w(monkeypatch):
     pipe = DualPipeV(mods)
     x, y = batch(6, 3)
     loss, _ = pipe.step(x, num_chunks=6, criterion=criterion, labels=(y,))
-    ops = schedules.program("dualpipev", 0, 1, 6)
-    n_zb = sum(op.kind == "B" and op.zb for op in ops)
+    ops = program("dualpipev", 0, 1, 6)
+    n_zb = sum(op.kind == "B" and op.split for op in ops)
     assert n_zb > 0 and sum(op.kind == "W" for op in ops) == n_zb
     # Each deferred backward queues the two matmul weight gradients of its Stage; every one runs, in a W.
     assert events.count("put") == events.count("ran") == 2 * n_zb

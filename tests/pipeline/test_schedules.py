@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import collections
+import functools
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moekit.pipeline import schedules
-from moekit.pipeline.schedules import Durations, check_schedule_args, program, simulate, stage_graph
+from moekit.pipeline import Durations
+from moekit.schedule import check_schedule, program, simulate, stage_graph
+
+check_schedule_args = functools.partial(check_schedule, ranks_arg="num_ranks", microbatches_arg="num_chunks")
 
 CONFIGS = [("1f1b", r) for r in (1, 2, 3, 4, 8)] + [("dualpipe", r) for r in (2, 4, 6, 8)] + \
           [("dualpipev", r) for r in (1, 2, 3, 4)]
@@ -41,33 +44,30 @@ def test_every_microbatch_runs_once_per_stage(kind, ranks):
             f, b, w, zb = collections.Counter(), collections.Counter(), [], []
             for op in ops:
                 if op.kind in ("F", "FB"):
-                    f[(op.module, op.mb)] += 1
+                    f[(op.chunk, op.mb)] += 1
                 if op.kind == "B":
-                    b[(op.module, op.mb)] += 1
-                    if op.zb:
-                        zb.append((op.module, op.mb))
+                    b[(op.chunk, op.mb)] += 1
+                    if op.split:
+                        zb.append((op.chunk, op.mb))
                 if op.kind == "FB":
-                    b[(op.module_b, op.mb_b)] += 1
+                    b[(op.chunk_b, op.mb_b)] += 1
                 if op.kind == "W":
-                    w.append((op.module, op.mb))
+                    w.append((op.chunk, op.mb))
             want = {(m, i): 1 for m in range(n_mod) for i in range(per_dir)}
             assert dict(f) == want and dict(b) == want
             assert w == zb  # W chunks run in the order their backwards deferred them
             for m in range(n_mod):  # each module sees its micro-batches in order
-                assert [op.mb for op in ops if op.kind in ("F", "FB") and op.module == m] == list(range(per_dir))
+                assert [op.mb for op in ops if op.kind in ("F", "FB") and op.chunk == m] == list(range(per_dir))
         simulate(kind, ranks, chunks)  # raises on a deadlock
 
 
-def test_simulate_detects_deadlock(monkeypatch):
-    real = schedules.program
-
+def test_simulate_detects_deadlock():
     def broken(kind, rank, num_ranks, num_chunks):
-        ops = real(kind, rank, num_ranks, num_chunks)
+        ops = program(kind, rank, num_ranks, num_chunks)
         return ops[::-1] if rank == 1 else ops  # backwards before forwards
 
-    monkeypatch.setattr(schedules, "program", broken)
     with pytest.raises(RuntimeError, match="deadlocks"):
-        simulate("1f1b", 2, 4)
+        simulate("1f1b", 2, 4, programs=[broken("1f1b", r, 2, 4) for r in range(2)])
 
 
 def test_stage_graphs():
@@ -145,11 +145,11 @@ def _tokens(ops):
     out = []
     for op in ops:
         if op.kind == "FB":
-            out.append(f"F{op.module}B{op.module_b}")
+            out.append(f"F{op.chunk}B{op.chunk_b}")
         elif op.kind == "W":
             out.append("W")
         else:
-            out.append(f"{op.kind}{op.module}" + ("z" if op.zb else ""))
+            out.append(f"{op.kind}{op.chunk}" + ("z" if op.split else ""))
     return " ".join(out)
 
 

@@ -5,7 +5,7 @@ import pytest
 from moekit import MoEConfig
 from moekit.plan import ClusterSpec
 from moekit.plan.cost import comm_bytes, layer_params, layer_token_flops, step_flops_per_token, transfer_time
-from moekit.plan.routing import Spread
+from moekit.plan.spread import Spread
 
 
 def test_deepseek_v3_activated_parameters():

@@ -11,7 +11,7 @@ import torch
 from moekit import MoEConfig
 from moekit.plan import load_cluster
 from moekit.plan.cli import main
-from moekit.plan.routing import load_histogram
+from moekit.plan.spread import load_histogram
 
 SINGLE = ["--pp", "2", "--ep", "8", "--schedule", "1f1b", "--cluster", "h100x64"]
 

@@ -6,7 +6,7 @@ import pytest
 from moekit import MoEConfig
 from moekit.plan import ClusterSpec, ParallelPlan, plan
 from moekit.plan.memory import FP8_BYTES, StageMemory, activation_bytes, ep_buffer_bytes, peak_activations
-from moekit.plan.schedules import layout
+from moekit.schedule import layout
 
 TINY = MoEConfig.preset("tiny")  # H=64, nh=4, dn=16, dr=8, dv=16, kv_lora=32, no q_lora, E=16, k=4, I=32/128
 

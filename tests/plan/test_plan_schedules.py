@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moekit.plan import UniformCosts, bubble_formula, rank_orders, simulate
-from moekit.plan.schedules import layout
+from moekit.schedule import layout
 
 
 @pytest.mark.parametrize("schedule, p, n", [("1f1b", 1, 1), ("1f1b", 4, 3), ("1f1b", 5, 12), ("dualpipe", 2, 4),
@@ -96,8 +96,7 @@ def test_uniform_costs_reject_negative():
 
 
 def test_two_stream_by_hand():
-    from moekit.plan.cost import Piece
-    from moekit.plan.sim import two_stream
+    from moekit.plan.cost import Piece, two_stream
 
     a = [Piece(0, 2.0), Piece(1, 3.0), Piece(0, 1.0), Piece(1, 2.0)]  # forward: attn, dispatch, experts, combine
     b = [Piece(1, 1.0), Piece(0, 4.0), Piece(1, 2.0), Piece(0, 1.0)]  # backward: comm first
@@ -110,8 +109,7 @@ def test_two_stream_by_hand():
 
 
 def test_stage_costs_sum_layers():
-    from moekit.plan.cost import LayerTimes
-    from moekit.plan.sim import StageCosts
+    from moekit.plan.cost import LayerTimes, StageCosts
 
     lt = LayerTimes(1.0, 2.0, 1.5, 2.5, 0.5, 1.0, 0.25, 0.75, 0.25, 0.75)
     c = StageCosts([[lt, lt]])

@@ -7,8 +7,8 @@ import pytest
 
 from moekit import MoEConfig
 from moekit.plan import ClusterSpec, UniformCosts, bubble_formula, simulate
-from moekit.plan.routing import expected_spread, parse_routing, sampling_imbalance
 from moekit.plan.sms import deepep_theoretical_sms, measured_gbps_per_sm, sm_table
+from moekit.plan.spread import expected_spread, parse_routing, sampling_imbalance
 
 
 def test_deepep_sms_by_hand():

@@ -2,16 +2,20 @@
 
 Drop-in for DeepSeek's DualPipe package (``from moekit.pipeline import DualPipe, DualPipeV,
 WeightGradStore, run_backward, set_p2p_tensor_shapes, set_p2p_tensor_dtype``), plus ``OneFOneB``,
-schedule recording (``PhaseRecord``) and ``plot_timeline``, the schedule simulator, and ``MoEStage``
-(MoE-aware overlapped forward/backward pairs). See docs/pipeline.md.
+schedule recording (``PhaseRecord``) and ``plot_timeline``, the schedule simulator (``moekit.schedule``),
+and ``MoEStage`` (MoE-aware overlapped forward/backward pairs). See docs/pipeline.md.
 """
 
+from ..schedule import PhaseRecord, UniformCosts, sim_records, simulate
 from .engine import DualPipe, DualPipeV, OneFOneB, PipelineSchedule
 from .moe_overlap import MoEBlock, MoEStage
 from .p2p import set_p2p_tensor_dtype, set_p2p_tensor_shapes
-from .schedules import Durations, sim_records, simulate
-from .timeline import PhaseRecord, gather_records, plot_timeline
+from .timeline import gather_records, plot_timeline
 from .utils import WeightGradStore, run_backward
+
+# The uniform cost model under its earlier name and signature here: Durations(F, B, W, FB) with B the
+# full backward (UniformCosts takes the input-gradient part).
+Durations = UniformCosts.from_full_backward
 
 __all__ = [
     "DualPipe", "DualPipeV", "Durations", "MoEBlock", "MoEStage", "OneFOneB", "PhaseRecord", "PipelineSchedule",

@@ -1,4 +1,4 @@
-"""One executor for every schedule: runs a rank's op list (``schedules.program``) on its local modules.
+"""One executor for every schedule: runs a rank's op list (``moekit.schedule.program``) on its local modules.
 
 The public classes (``DualPipe``, ``DualPipeV``, ``OneFOneB``) only name a stage graph and how many
 modules a rank holds; everything else — micro-batching, p2p, loss, zero-bubble weight gradients,
@@ -16,9 +16,17 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from ..schedule import (
+    Op,
+    PhaseRecord,
+    Simulation,
+    StageLinks,
+    check_schedule,
+    microbatches_per_direction,
+    simulate,
+    stage_graph,
+)
 from . import p2p as _p2p
-from .schedules import Op, SimResult, StageLinks, check_schedule_args, microbatches_per_direction, simulate, stage_graph
-from .timeline import PhaseRecord
 from .utils import WeightGradStore, gather, run_backward, scatter
 
 
@@ -53,7 +61,7 @@ class PipelineSchedule(nn.Module):
         timeout: seconds, the bound of every host wait on a message of the step (gloo; NCCL: its watchdog);
             a neighbour that never sends raises ``moekit.ep.PeerTimeout`` naming its pipeline rank.
 
-    Subclasses set ``kind`` (see ``schedules.stage_graph``) and ``num_modules``.
+    Subclasses set ``kind`` (see ``moekit.schedule.stage_graph``) and ``num_modules``.
     """
 
     kind: str = ""
@@ -108,7 +116,7 @@ class PipelineSchedule(nn.Module):
         # None: post p2p ops in the one global order on backends that need it (all but gloo); True/False
         # forces it (tests run the strict order on gloo too).
         self.p2p_strict_order: bool | None = None
-        self._plans: dict[int, SimResult] = {}
+        self._plans: dict[int, Simulation] = {}
 
     # -- configuration -------------------------------------------------------------------------
 
@@ -160,7 +168,7 @@ class PipelineSchedule(nn.Module):
         if self.num_ranks > 1 and (shapes is None or dtype is None):
             raise ValueError("p2p tensor shapes and dtype are not set: call set_p2p_tensor_shapes(...) and "
                              "set_p2p_tensor_dtype(...) (module-level defaults or on this pipeline) before step")
-        check_schedule_args(self.kind, self.num_ranks, num_chunks)
+        check_schedule(self.kind, self.num_ranks, num_chunks, ranks_arg="num_ranks", microbatches_arg="num_chunks")
         training = torch.is_grad_enabled()
         mine = [self.links(m) for m in range(self.num_modules)]
         ends = [m for m, lk in enumerate(mine) if lk.next is None]
@@ -221,44 +229,44 @@ class PipelineSchedule(nn.Module):
             return
         t0 = self._now()
         yield
-        self.records.append(PhaseRecord(self.rank, op.kind, op.module, op.mb, t0, self._now(),
-                                        microbatch_b=op.mb_b, chunk_b=op.module_b))
+        self.records.append(PhaseRecord(self.rank, op.kind, op.chunk, op.mb, t0, self._now(),
+                                        microbatch_b=op.mb_b, chunk_b=op.chunk_b))
 
     def _run(self, op: Op, st: _StepState) -> None:
         if not st.training and op.kind in ("B", "W"):
             return
         if op.kind == "FB" and not st.training:
-            op = Op("F", op.module, op.mb)
+            op = Op("F", op.chunk, op.mb)
         if op.kind == "F":
-            fetched = self._fetch_forward(st, op.module, op.mb)
+            fetched = self._fetch_forward(st, op.chunk, op.mb)
             with self._phase(op):
-                out, loss = self._compute_forward(st, op.module, *fetched)
-            self._emit_forward(st, op.module, op.mb, out, loss)
+                out, loss = self._compute_forward(st, op.chunk, *fetched)
+            self._emit_forward(st, op.chunk, op.mb, out, loss)
         elif op.kind == "B":
-            fetched = self._fetch_backward(st, op.module, op.mb)
+            fetched = self._fetch_backward(st, op.chunk, op.mb)
             with self._phase(op):
-                self._compute_backward(*fetched, zb=op.zb)
-            self._emit_backward(st, op.module, op.mb)
+                self._compute_backward(*fetched, zb=op.split)
+            self._emit_backward(st, op.chunk, op.mb)
         elif op.kind == "W":
             with self._phase(op):
                 WeightGradStore.pop()
         else:
             assert op.kind == "FB", op
-            fwd = self._fetch_forward(st, op.module, op.mb)
-            bwd = self._fetch_backward(st, op.module_b, op.mb_b)
+            fwd = self._fetch_forward(st, op.chunk, op.mb)
+            bwd = self._fetch_backward(st, op.chunk_b, op.mb_b)
             with self._phase(op):
                 if self.overlapped_forward_backward:
-                    m0 = self.module[op.module]
+                    m0 = self.module[op.chunk]
                     inputs0, criterion0, labels0 = fwd
                     loss1, outputs1, grads1 = bwd
                     out, loss = type(m0).overlapped_forward_backward(
-                        m0, inputs0, criterion0, labels0, self.module[op.module_b], loss1, outputs1, grads1)
+                        m0, inputs0, criterion0, labels0, self.module[op.chunk_b], loss1, outputs1, grads1)
                     out = [out] if isinstance(out, torch.Tensor) else list(out)
                 else:
-                    out, loss = self._compute_forward(st, op.module, *fwd)
+                    out, loss = self._compute_forward(st, op.chunk, *fwd)
                     self._compute_backward(*bwd, zb=False)
-            self._emit_forward(st, op.module, op.mb, out, loss)
-            self._emit_backward(st, op.module_b, op.mb_b)
+            self._emit_forward(st, op.chunk, op.mb, out, loss)
+            self._emit_backward(st, op.chunk_b, op.mb_b)
 
     def _fetch_forward(self, st: _StepState, m: int, mb: int):
         lk = self.links(m)

@@ -1,6 +1,6 @@
 """Point-to-point transfers between pipeline ranks, on any torch.distributed backend (gloo, NCCL, ...).
 
-Every message of a step is known in advance (``schedules.simulate``), and so is the global order in
+Every message of a step is known in advance (``moekit.schedule.simulate``), and so is the global order in
 which messages leave their ranks. Between two neighbours, both ranks post their sends and receives
 in that one order: receives as early as the order allows, a send as soon as its data is computed.
 That makes the k-th operation of each side the counterpart of the other side's k-th operation, which
@@ -23,7 +23,7 @@ from collections import defaultdict, deque
 import torch
 import torch.distributed as dist
 
-from .schedules import Message
+from ..schedule import Message
 
 _default_shapes: list[tuple[int, ...]] | None = None
 _default_dtype: torch.dtype | None = None
@@ -85,7 +85,7 @@ def message_key(msg: Message) -> Key:
 class P2P:
     """The sends and receives of one rank for one step.
 
-    ``sends`` is the global send order (``SimResult.sends``); only messages to or from ``rank`` are
+    ``sends`` is the global send order (``Simulation.sends``); only messages to or from ``rank`` are
     kept, grouped by neighbour. ``group_rank_of[pp_rank]`` is that rank's rank in ``group``.
     ``send`` and ``recv`` never block on the network except ``recv``'s wait for its own message.
     """

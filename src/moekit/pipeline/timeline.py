@@ -1,24 +1,14 @@
-"""Schedule records shared by the pipeline recorder and the planner's simulator."""
+"""Timelines of a step: gather every rank's ``PhaseRecord``s and draw them.
+
+``PhaseRecord`` and ``PHASES`` live in ``moekit.schedule.records`` (the planner's simulator emits them
+without importing the runtime); they are re-exported here, where the recorder's users import them.
+"""
 
 from __future__ import annotations
 
-import dataclasses
+from ..schedule.records import PHASES, PhaseRecord
 
-# F = forward chunk, B = backward chunk (input grads, or full when W is not split), W = weight-grad
-# chunk, FB = an overlapped forward+backward pair. Communication phases may use "COMM".
-PHASES = ("F", "B", "W", "FB", "COMM")
-
-
-@dataclasses.dataclass(frozen=True)
-class PhaseRecord:
-    rank: int
-    phase: str
-    chunk: int  # model chunk / direction: 0 or 1 (DualPipe), 0 for 1F1B
-    microbatch: int  # for FB: the forward micro-batch; see microbatch_b
-    start: float  # seconds (any common origin)
-    end: float
-    microbatch_b: int | None = None  # for FB: the backward micro-batch
-    chunk_b: int | None = None  # for FB: the backward chunk
+__all__ = ["PHASES", "PhaseRecord", "gather_records", "plot_timeline"]
 
 
 def gather_records(records: list[PhaseRecord], group=None) -> list[PhaseRecord]:

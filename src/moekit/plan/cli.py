@@ -15,8 +15,8 @@ import sys
 from typing import Any
 
 from ..config import PRESETS, MoEConfig
+from ..schedule import SCHEDULES
 from .cluster import CLUSTER_PRESETS, RECOMPUTE, ParallelPlan, load_cluster, load_file, load_plan
-from .schedules import SCHEDULES
 
 # DeepSeek-V3's own layout (report sec. 3.2): shown beside the search's answer on its cluster.
 DEEPSEEK_V3_PLAN = dict(pp=16, ep=64, schedule="dualpipe", comm_sms=20, routing="node-limited:4",

@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from .schedules import SCHEDULES, check_schedule
+from ..schedule import SCHEDULES, check_schedule
 
 RECOMPUTE = ("none", "selective", "full")
 

@@ -12,15 +12,22 @@ permutation) is charged at HBM speed from a byte count per token (``_elementwise
 
 Compute runs on ``sms - comm_sms`` SMs (the communication kernels keep theirs for the whole step, as
 DeepSeek-V3 does), so GEMM and attention rates scale by ``(sms - k)/sms``; HBM-bound work does not.
+
+An op of the pipeline (F, B, W or an F&B pair over a stage's layers) is a greedy schedule of the
+layers' pieces on one compute and one comm stream (``two_stream``); ``StageCosts`` is the cost model
+the schedule simulator (``moekit.schedule.simulate``) asks for those op timings.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from functools import lru_cache
 from typing import NamedTuple
 
 from ..config import MoEConfig
+from ..schedule.simulator import OpTiming
 from .cluster import ClusterSpec
-from .routing import Spread
+from .spread import Spread
 
 
 class TokenFlops(NamedTuple):
@@ -269,3 +276,85 @@ def step_flops_per_token(cfg: MoEConfig, seq_len: int, mtp_depth: int = 0) -> fl
     total += (1 + mtp_depth) * 2.0 * cfg.hidden_size * cfg.vocab_size
     total += mtp_depth * 2.0 * 2 * cfg.hidden_size * cfg.hidden_size
     return 3.0 * total
+
+
+# ---------------------------------------------------------------------------------------------
+# Op timings of pipeline stages (the simulator's cost model)
+
+
+def two_stream(chains: Sequence[Sequence[Piece]]) -> OpTiming:
+    """Greedy list schedule of independent chains on one compute and one comm stream.
+
+    Each chain's pieces run in order; at every step the piece that can start first runs (ties: the
+    earlier chain). Returns the makespan and the busy / overlapped seconds."""
+    ready = [0.0] * len(chains)
+    idx = [0] * len(chains)
+    free = [0.0, 0.0]
+    spans: list[list[tuple[float, float]]] = [[], []]
+    while True:
+        best, best_t = -1, 0.0
+        for c, chain in enumerate(chains):
+            if idx[c] < len(chain):
+                t = max(ready[c], free[chain[idx[c]].stream])
+                if best < 0 or t < best_t:
+                    best, best_t = c, t
+        if best < 0:
+            break
+        p = chains[best][idx[best]]
+        end = best_t + p.seconds
+        if p.seconds > 0:
+            spans[p.stream].append((best_t, end))
+        free[p.stream] = ready[best] = end
+        idx[best] += 1
+    dur = max(ready) if ready else 0.0
+    comp = sum(e - s for s, e in spans[0])
+    comm = sum(e - s for s, e in spans[1])
+    return OpTiming(dur, comp, comm, _overlap(spans[1], spans[0]), tuple(spans[1]))
+
+
+def _overlap(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> float:
+    """Total length of the intersection of two sorted lists of disjoint intervals."""
+    i = j = 0
+    tot = 0.0
+    while i < len(a) and j < len(b):
+        lo, hi = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+        if hi > lo:
+            tot += hi - lo
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return tot
+
+
+class StageCosts:
+    """Costs from per-stage lists of ``LayerTimes`` (forward order). Cached per op signature."""
+
+    def __init__(self, stages: Sequence[Sequence[LayerTimes]]) -> None:
+        self.stages = [tuple(s) for s in stages]
+        self.op = lru_cache(maxsize=None)(self._op)  # type: ignore[method-assign]
+
+    def _op(self, kind: str, stage: int, split: bool, stage_b: int | None) -> OpTiming:
+        return _stage_op(kind, self.stages[stage], split, self.stages[stage_b] if stage_b is not None else None)
+
+
+@lru_cache(maxsize=65536)
+def _stage_op(kind: str, stage: tuple[LayerTimes, ...], split: bool,
+              stage_b: tuple[LayerTimes, ...] | None) -> OpTiming:
+    """One op's timing from the layers of its stage(s); shared by every plan whose stages hold the same
+    layers (the search builds many)."""
+    def fwd(st: tuple[LayerTimes, ...]) -> list[Piece]:
+        return [p for lt in st for p in lt.forward()]
+
+    def bwd(st: tuple[LayerTimes, ...], with_w: bool) -> list[Piece]:
+        return [p for lt in reversed(st) for p in lt.backward(with_w)]
+
+    if kind == "F":
+        return two_stream([fwd(stage)])
+    if kind == "B":
+        return two_stream([bwd(stage, not split)])
+    if kind == "W":
+        t = sum(lt.weight() for lt in stage)
+        return OpTiming(t, t, 0.0, 0.0)
+    assert kind == "FB"
+    return two_stream([fwd(stage), bwd(stage_b, True)])

@@ -32,7 +32,7 @@ forward work ``plan/cost.py`` charges (up-projection GEMMs, norms, SwiGLU). ``"f
 layer's input and reruns the whole forward of a stage in its backward; one layer's full activations
 are live at a time during that rerun.
 
-**In flight**: the op order of each rank (``schedules.rank_orders``) is walked; a forward adds its
+**In flight**: the op order of each rank (``moekit.schedule.programs``) is walked; a forward adds its
 stage's activations, a full backward frees them, an input-gradient backward (``split``) frees the
 bf16 part and the matching ``W`` the cached GEMM inputs. The peak over ranks is what must fit; for
 uniform stages it is ``min(P, N)`` stage-activations on rank 0 for 1F1B and ``P + 1`` for DualPipe
@@ -50,7 +50,7 @@ from functools import lru_cache
 from typing import NamedTuple
 
 from ..config import MoEConfig
-from .schedules import layout, rank_orders
+from ..schedule import layout, programs
 
 FP8_BYTES = 1 + 4 / 128  # one byte per element + an fp32 scale per 1x128 tile
 E5M6_BYTES = 1.5
@@ -128,7 +128,7 @@ def inflight_states(schedule: str, pp: int, n: int) -> tuple[tuple[tuple[tuple[i
     lay = layout(schedule, pp)
     chunks = 1 + max(c for _, c in lay.stage_of)
     out = []
-    for order in rank_orders(schedule, pp, n):
+    for order in programs(schedule, pp, n):
         hb, hc = [0] * chunks, [0] * chunks
         states = set()
         wq: list[int] = []

@@ -1,6 +1,6 @@
 """``plan()``: from a model, a cluster and a parallel plan to per-layer and per-step predictions.
 
-Pipeline: routing -> expected fan-out (``routing.py``) -> bytes and times of one MoE layer
+Pipeline: routing -> expected fan-out (``spread.py``) -> bytes and times of one MoE layer
 (``cost.py``) -> the smallest comm SM count that hides communication under the overlapped F&B pair
 (``auto``) -> layers cut into balanced pipeline stages -> ``simulate`` one step -> + data-parallel
 gradient sync and optimizer -> step time, MFU, tokens/s/GPU, GPU-hours per trillion tokens.
@@ -15,11 +15,13 @@ from functools import lru_cache
 from typing import NamedTuple
 
 from ..config import MoEConfig
+from ..schedule import Layout, Simulation, bubble_formula, layout, programs, simulate
 from .cluster import ClusterSpec, ParallelPlan, load_cluster
 from .cost import (
     CommBytes,
     CommTimes,
     LayerTimes,
+    StageCosts,
     comm_bytes,
     compute_parts,
     head_times,
@@ -27,6 +29,7 @@ from .cost import (
     layer_times,
     step_flops_per_token,
     transfer_time,
+    two_stream,
 )
 from .memory import (
     FP8_BYTES,
@@ -39,9 +42,7 @@ from .memory import (
     ep_buffer_bytes,
     peak_activations,
 )
-from .routing import Routing, Spread, expected_spread, parse_routing
-from .schedules import Layout, bubble_formula, layout, rank_orders
-from .sim import SimResult, StageCosts, simulate, two_stream
+from .spread import Routing, Spread, expected_spread, parse_routing
 
 
 class LayerReport(NamedTuple):
@@ -131,7 +132,7 @@ class PlanResult(NamedTuple):
     layer: LayerReport | None  # None when the model has no MoE layer
     step: StepReport
     stages: list[int]  # layers (incl. head as the last item) per pipeline stage
-    sim: SimResult
+    sim: Simulation
 
     @property
     def num_gpus(self) -> int:
@@ -426,7 +427,7 @@ def prepare(model: MoEConfig | str, cluster: ClusterSpec | str, parallel: Parall
 def _op_counts(schedule: str, pp: int, n: int) -> tuple[tuple[tuple[tuple, int], ...], ...]:
     """Per rank: how many times each distinct op (kind, chunk, split, chunk_b) occurs."""
     out = []
-    for order in rank_orders(schedule, pp, n):
+    for order in programs(schedule, pp, n):
         c = Counter((op.kind, op.chunk, op.split, op.chunk_b) for op in order)
         out.append(tuple(sorted(c.items(), key=repr)))
     return tuple(out)
@@ -469,7 +470,7 @@ class _Ends(NamedTuple):
 @lru_cache(maxsize=512)
 def _ends(schedule: str, pp: int, n: int) -> tuple[_Ends, ...]:
     out = []
-    for order in rank_orders(schedule, pp, n):
+    for order in programs(schedule, pp, n):
         queue: list[int] = []
         last_b, w_after = None, Counter()
         for op in order:
@@ -523,7 +524,7 @@ def _stage_average_bubble(p: ParallelPlan, costs: StageCosts) -> float:
     return bubble_formula(p.schedule, p.pp, *avg)
 
 
-def _step_report(pr: Prepared, sim: SimResult) -> StepReport:
+def _step_report(pr: Prepared, sim: Simulation) -> StepReport:
     """The ``StepReport`` of a prepared plan and its simulated pipeline."""
     cfg, cl, p, dp, n = pr.cfg, pr.cluster, pr.plan, pr.dp, pr.num_microbatches
     step_time = sim.step_time + pr.dp_sync + pr.optimizer

@@ -37,12 +37,12 @@ from typing import NamedTuple
 
 from .._util import cdiv, round_up
 from ..config import MoEConfig
+from ..schedule import SCHEDULES, check_schedule
 from .cluster import MAX_SIM_OPS, ClusterSpec, ParallelPlan, load_cluster
 from .cost import layer_params
 from .memory import STATE_BYTES_REPLICATED, STATE_BYTES_SHARDED
 from .planner import PlanResult, check_model_sizes, finish, layer_costs, link_bound_sms, prepare
-from .routing import expected_spread, parse_routing
-from .schedules import SCHEDULES, check_schedule
+from .spread import expected_spread, parse_routing
 
 MICRO_BATCHES = (1, 2, 4)
 DEEPSEEK_SMS = 20  # DeepSeek-V3 report sec. 3.2.2: 20 of the 132 SMs run the all-to-all

@@ -41,7 +41,7 @@ from .._util import check_positive_int
 from ..config import MoEConfig
 from .cluster import ClusterSpec, ParallelPlan
 from .planner import link_bound_sms, smallest_hiding_sms
-from .routing import expected_spread, parse_routing
+from .spread import expected_spread, parse_routing
 
 SM_SPLIT_JSON = Path("reports") / "sm_split.json"
 

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from moekit.plan.routing import Routing, expected_spread, parse_routing
+from moekit.plan.spread import Routing, expected_spread, parse_routing
 
 
 def _sample(rng, e, k, ep, g, m=None, trials=20000, loads=None):
