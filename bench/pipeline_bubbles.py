@@ -30,9 +30,9 @@ from moekit.pipeline import (
     DualPipeV,
     OneFOneB,
     WeightGradStore,
+    backward_chunk,
     gather_records,
     plot_timeline,
-    run_backward,
     set_p2p_tensor_dtype,
     set_p2p_tensor_shapes,
 )
@@ -85,11 +85,7 @@ class SleepStage(nn.Module):
         try:
             out0 = [module0(*inputs0)]
             loss0 = criterion0(*out0, *labels0) if criterion0 is not None else None
-            if loss1 is not None:
-                loss1.backward()
-                loss1.detach_()
-            else:
-                run_backward(outputs1, output_grads1)
+            backward_chunk(loss1, outputs1, output_grads1)
             time.sleep(t["FB"])
         finally:
             t["in_fb"] = False

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from moekit.pipeline import WeightGradStore, run_backward
+from moekit.pipeline import WeightGradStore, backward_chunk
 
 H = 4  # hidden size: tiny, so that 8 ranks on 2 cores stay cheap
 MB = 2  # rows per micro-batch
@@ -61,11 +61,7 @@ class OverlapStage(Stage):
         outputs0 = module0(*inputs0)
         outputs0 = [outputs0] if isinstance(outputs0, torch.Tensor) else outputs0
         loss0 = criterion0(*outputs0, *labels0) if criterion0 is not None else None
-        if loss1 is not None:
-            loss1.backward()
-            loss1.detach_()
-        else:
-            run_backward(outputs1, output_grads1)
+        backward_chunk(loss1, outputs1, output_grads1)
         return outputs0, loss0
 
 

@@ -11,7 +11,7 @@ from .engine import DualPipe, DualPipeV, OneFOneB, PipelineSchedule
 from .moe_overlap import MoEBlock, MoEStage
 from .p2p import set_p2p_tensor_dtype, set_p2p_tensor_shapes
 from .timeline import gather_records, plot_timeline
-from .utils import WeightGradStore, run_backward
+from .utils import WeightGradStore, backward_chunk, run_backward
 
 # The uniform cost model under its earlier name and signature here: Durations(F, B, W, FB) with B the
 # full backward (UniformCosts takes the input-gradient part).
@@ -19,6 +19,6 @@ Durations = UniformCosts.from_full_backward
 
 __all__ = [
     "DualPipe", "DualPipeV", "Durations", "MoEBlock", "MoEStage", "OneFOneB", "PhaseRecord", "PipelineSchedule",
-    "WeightGradStore", "gather_records", "plot_timeline", "run_backward", "set_p2p_tensor_dtype",
+    "WeightGradStore", "backward_chunk", "gather_records", "plot_timeline", "run_backward", "set_p2p_tensor_dtype",
     "set_p2p_tensor_shapes", "sim_records", "simulate",
 ]

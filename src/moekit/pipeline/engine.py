@@ -27,7 +27,7 @@ from ..schedule import (
     stage_graph,
 )
 from . import p2p as _p2p
-from .utils import WeightGradStore, gather, run_backward, scatter
+from .utils import WeightGradStore, backward_chunk, gather, scatter
 
 
 @dataclasses.dataclass
@@ -339,11 +339,7 @@ class PipelineSchedule(nn.Module):
     def _compute_backward(self, loss, outs, grads, zb: bool) -> None:
         WeightGradStore.enabled = zb
         try:
-            if loss is not None:
-                loss.backward()
-                loss.detach_()
-            elif outs:
-                run_backward(outs, grads)
+            backward_chunk(loss, outs, grads)
         finally:
             WeightGradStore.enabled = False
         if zb:

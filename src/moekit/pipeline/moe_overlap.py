@@ -47,7 +47,7 @@ from .. import dist as mdist
 from ..moe.experts import MLP
 from ..moe.layer import run_steps
 from .timeline import PhaseRecord
-from .utils import run_backward
+from .utils import backward_chunk
 
 if TYPE_CHECKING:  # (importing moekit.ep loads the Buffer and Triton: a stage gets its Buffer from its layers)
     from ..ep.dispatcher import BackwardHook, Dispatcher, DispatchOutput
@@ -157,15 +157,8 @@ class MoEStage(nn.Module):
         top = loss1 if loss1 is not None else (outputs1[0] if len(outputs1) == 1 else None)
         mb_b = getattr(top, "_moekit_stage_mb", -1)
 
-        def backward():
-            if loss1 is not None:
-                loss1.backward()
-                loss1.detach_()
-            elif outputs1:
-                run_backward(outputs1, output_grads1)
-
         backward_run = module1._coroutine
-        backward_run.start(backward, mb_b)
+        backward_run.start(lambda: backward_chunk(loss1, outputs1, output_grads1), mb_b)
         mb_f = module0._n_fwd
         steps = module0._forward_steps(*inputs0)
         try:

@@ -72,6 +72,23 @@ def run_backward(tensors: Sequence[torch.Tensor], grad_tensors: Sequence[torch.T
     )
 
 
+def backward_chunk(loss: torch.Tensor | None, outputs: Sequence[torch.Tensor],
+                   output_grads: Sequence[torch.Tensor]) -> None:
+    """The backward of one micro-batch through one stage, from what the engine hands an
+    ``overlapped_forward_backward`` hook (``loss1, outputs1, output_grads1``).
+
+    On the last stage ``loss`` is the micro-batch's loss: it is backpropagated and detached in place (its
+    graph is freed; the engine keeps the value for ``step``'s return). Elsewhere ``loss`` is None and the
+    received ``output_grads`` are backpropagated from ``outputs`` with :func:`run_backward`; with neither
+    (an empty stage output) nothing runs. Gradients accumulate into the leaves' ``.grad``.
+    """
+    if loss is not None:
+        loss.backward()
+        loss.detach_()
+    elif outputs:
+        run_backward(outputs, output_grads)
+
+
 def scatter(inputs, chunks: int, dim: int) -> list[tuple[torch.Tensor | None, ...]]:
     """Split each tensor of ``inputs`` into ``chunks`` micro-batches along ``dim`` (``tensor_split``).
 
