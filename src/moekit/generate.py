@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import dist as mdist
+from ._util import check_positive_int
 
 
 class GenerateResult(NamedTuple):
@@ -55,8 +56,7 @@ def greedy(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, *, gr
     """
     if input_ids.dim() != 2 or input_ids.dtype != torch.int64:
         raise ValueError(f"greedy: input_ids must be [B, S] int64, got {list(input_ids.shape)} {input_ids.dtype}")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"greedy: max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    check_positive_int("greedy: max_new_tokens", max_new_tokens)
     world = mdist.world_size(group)
     src = dist.get_global_rank(group, 0) if world > 1 and group is not None else 0
     kw = _cache_kw(model)

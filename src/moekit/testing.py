@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from ._util import check_positive_int
+
 
 class RankError(RuntimeError):
     """A rank of :func:`spawn` raised; the message holds its traceback."""
@@ -65,8 +67,7 @@ def spawn(fn, world_size: int, *args, timeout: float = 300.0, backend: str = "gl
     ``missing_ok``: a rank that exits without a result (fault-injection tests kill ranks on purpose)
     gives ``None`` instead of a :class:`RankError`.
     """
-    if world_size < 1:
-        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    check_positive_int("world_size", world_size)
     if start_method is None:
         start_method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
     old = os.environ.get("LOCAL_WORLD_SIZE")

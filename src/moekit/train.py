@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from . import dist as mdist
+from ._util import check_positive_int
 from .generate import init_distributed, load_tokenizer
 
 
@@ -96,8 +97,7 @@ def main(argv=None) -> TrainResult:
     from .moe import sync_grads, update_moe_biases
 
     args = parse_args(argv)
-    if args.steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    check_positive_int("--steps", args.steps)
     device = init_distributed()
     rank, world = mdist.rank(None), mdist.world_size(None)
     model = from_pretrained(args.model, dtype=getattr(torch, args.dtype) if args.dtype else None, device=device,
