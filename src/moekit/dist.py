@@ -166,17 +166,17 @@ def global_ranks(group: ProcessGroup | None = None) -> list[int]:
 class NodeGroups:
     """Sub-groups of one group for two-stage communication, seen from the calling rank.
 
-    ``intra``: the ranks of my node (group ranks ``layout.ranks_of_node(my node)``).
-    ``inter``: the ranks with my local index on every node (``layout.ranks_with_local(my local)``).
+    ``intra``: the ranks of my node (group ranks ``node_layout.ranks_of_node(my node)``).
+    ``inter``: the ranks with my local index on every node (``node_layout.ranks_with_local(my local)``).
     Either is ``None`` when it would hold only the calling rank.
     """
 
-    layout: NodeLayout
+    node_layout: NodeLayout
     intra: ProcessGroup | None
     inter: ProcessGroup | None
 
 
-def new_node_groups(group: ProcessGroup | None, layout: NodeLayout, pg_options=None) -> NodeGroups:
+def new_node_groups(group: ProcessGroup | None, node_layout: NodeLayout, pg_options=None) -> NodeGroups:
     """Create the intra-node and inter-node sub-groups. Collective: every rank of the *world* calls it.
 
     ``dist.new_group`` must be entered by all ranks in the same order, so every rank creates every
@@ -192,6 +192,6 @@ def new_node_groups(group: ProcessGroup | None, layout: NodeLayout, pg_options=N
                 for ranks in rank_lists]
         return made[index]
 
-    intra = mine([layout.ranks_of_node(n) for n in range(layout.num_nodes)], layout.node_of(me))
-    inter = mine([layout.ranks_with_local(l) for l in range(layout.ranks_per_node)], layout.local_of(me))
-    return NodeGroups(layout, intra, inter)
+    intra = mine([node_layout.ranks_of_node(n) for n in range(node_layout.num_nodes)], node_layout.node_of(me))
+    inter = mine([node_layout.ranks_with_local(l) for l in range(node_layout.ranks_per_node)], node_layout.local_of(me))
+    return NodeGroups(node_layout, intra, inter)

@@ -96,6 +96,17 @@ def test_node_layout_and_its_old_name():
         buf.layout = buf.node_layout
 
 
+
+def test_moe_and_virtual_group_keep_layout_as_old_name():
+    """``MoE.layout`` and ``VirtualGroup.layout`` are read-only old names of their ``node_layout``."""
+    from moekit import MoEConfig
+    from moekit.ep import VirtualGroup
+    from moekit.moe import MoE
+
+    for obj, world in ((MoE(MoEConfig.preset("tiny")), 1), (VirtualGroup(2, heap_bytes=1 << 16), 2)):
+        assert obj.layout is obj.node_layout and obj.node_layout.world_size == world
+        with pytest.raises(AttributeError):
+            obj.layout = obj.node_layout
 def test_non_contiguous_inputs():
     buf = Buffer()
     x = torch.randn(64, 7).t()  # [7, 64], non-contiguous

@@ -34,7 +34,7 @@ def _ep_rank(rank, world, cases):
         res = dict(y=y.detach(), x_grad=x.grad, load=upd.load, bias=moe.gate.e_score_correction_bias.clone(),
                    grads={n: p.grad.clone() for n, p in moe.named_parameters()}, local=list(moe.local_experts),
                    full_bad=full_bad,
-                   nodes_used=int(max((len({int(e) // (case["cfg"].n_routed_experts // moe.layout.num_nodes)
+                   nodes_used=int(max((len({int(e) // (case["cfg"].n_routed_experts // moe.node_layout.num_nodes)
                                              for e in row}) for row in moe.gate(x.detach().view(-1, x.shape[-1]))
                                        .topk_idx.tolist()), default=0)))
         dist.barrier()

@@ -284,7 +284,7 @@ class Buffer:
         hier = hmod.hier_plan(in_rank, recv_msg, lay, self.rank) if self.hierarchical else None
         fmt = hmod.dispatch_row_format(FP8_DTYPE if wire_fp8 else x_dtype, info.hidden, wire_fp8, k, weights)
         h = DispatchHandle(
-            key=self._key, rank=self.rank, layout=lay, num_experts=e, num_tokens=info.num_tokens,
+            key=self._key, rank=self.rank, node_layout=lay, num_experts=e, num_tokens=info.num_tokens,
             hidden=info.hidden, x_dtype=x_dtype, is_token_in_rank=in_rank, num_recv_tokens=sum(recv_counts),
             num_recv_tokens_per_expert_list=per_expert_list, send_counts=send_counts, recv_counts=recv_counts,
             send_token=send_token, dispatch_format=fmt, hier=hier, topk_idx=topk_idx.to(torch.int32),

@@ -84,7 +84,7 @@ def _default_store():
 class Guard:
     """One per Buffer: call numbers, status words from exceptions, preflights and the timeout watch.
 
-    ``key``: the Buffer's key (its group's global ranks and layout); ``rank``, ``world``: this rank and
+    ``key``: the Buffer's key (its group's global ranks and node layout); ``rank``, ``world``: this rank and
     R in the Buffer's group; ``timeout``: seconds of every wait.
     """
 

@@ -86,7 +86,7 @@ class DispatchHandle:
 
     key: tuple  # identifies the Buffer's group and node layout
     rank: int
-    layout: NodeLayout
+    node_layout: NodeLayout
     num_experts: int
     num_tokens: int  # T of the dispatched x
     hidden: int
@@ -111,7 +111,7 @@ class DispatchHandle:
 
     @property
     def num_ranks(self) -> int:
-        return self.layout.world_size
+        return self.node_layout.world_size
 
     @property
     def fp8(self) -> bool:
@@ -146,9 +146,9 @@ def msg_width(ranks_per_node: int) -> int:
     return MSG_LOCAL + ranks_per_node + MSG_MAX_EXPERTS + ID_INTS
 
 
-def counts_message(in_rank: torch.Tensor, layout: NodeLayout, per_expert: torch.Tensor) -> torch.Tensor:
+def counts_message(in_rank: torch.Tensor, node_layout: NodeLayout, per_expert: torch.Tensor) -> torch.Tensor:
     """The count part of the message [R, W] (status and meta columns left zero); ``per_expert`` [E]."""
-    r, g, n = layout.world_size, layout.ranks_per_node, layout.num_nodes
+    r, g, n = node_layout.world_size, node_layout.ranks_per_node, node_layout.num_nodes
     per_rank = in_rank.sum(0, dtype=torch.int64)  # [R]
     per_node = in_rank.view(-1, n, g).any(2).sum(0, dtype=torch.int64)  # [N]
     msg = torch.zeros(r, msg_width(g), dtype=torch.int64, device=in_rank.device)
@@ -171,19 +171,19 @@ def flat_send_plan(in_rank: torch.Tensor) -> tuple[Chunks, torch.Tensor]:
     return Chunks(in_rank.sum(0).tolist()), nz[:, 1].contiguous()
 
 
-def hier_plan(in_rank: torch.Tensor, recv_msg: list[list[int]], layout: NodeLayout, rank: int) -> HierPlan:
+def hier_plan(in_rank: torch.Tensor, recv_msg: list[list[int]], node_layout: NodeLayout, rank: int) -> HierPlan:
     """Stage counts and indices from my routing and the received counts messages (``recv_msg[s]``)."""
-    g, n = layout.ranks_per_node, layout.num_nodes
-    me_local = layout.local_of(rank)
+    g, n = node_layout.ranks_per_node, node_layout.num_nodes
+    me_local = node_layout.local_of(rank)
     in_node = in_rank.view(-1, n, g).any(2)  # [T, N]
     nz = in_node.t().nonzero()
     s1_send_counts = in_node.sum(0).tolist()
     # Sources of my stage 1: the ranks with my local index.
-    s1_recv_counts = [recv_msg[layout.rank_of(nn, me_local)][MSG_NODE_ROWS] for nn in range(n)]
-    s2_send_counts = [sum(recv_msg[layout.rank_of(nn, me_local)][MSG_LOCAL + lp] for nn in range(n))
+    s1_recv_counts = [recv_msg[node_layout.rank_of(nn, me_local)][MSG_NODE_ROWS] for nn in range(n)]
+    s2_send_counts = [sum(recv_msg[node_layout.rank_of(nn, me_local)][MSG_LOCAL + lp] for nn in range(n))
                       for lp in range(g)]
     # c[nn][l]: rows from source (nn, l) that end on me; forwarder l sends them to me node-major.
-    c = [[recv_msg[layout.rank_of(nn, l)][MSG_ROWS] for l in range(g)] for nn in range(n)]
+    c = [[recv_msg[node_layout.rank_of(nn, l)][MSG_ROWS] for l in range(g)] for nn in range(n)]
     s2_recv_counts = [sum(c[nn][l] for nn in range(n)) for l in range(g)]
     device = in_rank.device
     ct = torch.tensor(c, dtype=torch.int64, device=device).view(n, g)
@@ -198,11 +198,11 @@ def hier_plan(in_rank: torch.Tensor, recv_msg: list[list[int]], layout: NodeLayo
                     Chunks(s2_recv_counts), final_index)
 
 
-def stage2_rows(recv_topk_global: torch.Tensor, layout: NodeLayout, rank: int,
+def stage2_rows(recv_topk_global: torch.Tensor, node_layout: NodeLayout, rank: int,
                 experts_per_rank: int) -> torch.Tensor:
     """Forwarder: stage-1 row of each stage-2 row, local-rank-major (``[S2]``), from the rows' global expert ids."""
-    g = layout.ranks_per_node
-    node = layout.node_of(rank)
+    g = node_layout.ranks_per_node
+    node = node_layout.node_of(rank)
     idx = recv_topk_global.long()  # [M1, K]
     dest = torch.where(idx >= 0, idx // experts_per_rank, -1)
     local = torch.where(dest // g == node, dest - node * g, g)  # spare column g: elsewhere or none

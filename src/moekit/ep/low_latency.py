@@ -83,7 +83,7 @@ class LowLatencyHandle:
     slot: torch.Tensor  # [T, E] int64: slot of token t in expert e's block (valid where chosen)
     counts: torch.Tensor  # [R, L] int64 on the receiver: rows from source s for local expert e
     x_dtype: torch.dtype = torch.bfloat16  # wire dtype of the combine (the dispatched x's dtype)
-    key: tuple = ()  # the Buffer's group and layout
+    key: tuple = ()  # the Buffer's group and node layout
     seq: int = 0  # the number of the Buffer call that made it (identity, see guard.py)
 
 
@@ -172,7 +172,7 @@ class LowLatencyMode:
     Args:
         transport: the Buffer's :class:`~moekit.ep.transport.Transport` (its ``exchange_blocks`` moves the
             block; ``exchange_fixed`` the host-check preflight).
-        stats: the Buffer's traffic counters. key: the Buffer's group/layout key (handles carry it).
+        stats: the Buffer's traffic counters. key: the Buffer's group/node-layout key (handles carry it).
         host_checks: True on a host-check backend (gloo): sizes and statuses are exchanged before the block.
         guard: the Buffer's :class:`~moekit.ep.guard.Guard` (status words of any exception, call identity);
             width: the int64 width of the Buffer's preflight messages (``handle.msg_width``).
@@ -218,7 +218,7 @@ def _exchange(mode: LowLatencyMode, send: torch.Tensor, block: int, block_bytes:
     """Every rank's ``block`` rows to every rank; ``block_bytes`` (its [L, C] data rows) per peer count in
     ``mode.stats``."""
     t = mode.transport
-    transfer = t.exchange_blocks(send, block, traffic_by_peer([block_bytes] * t.world_size, t.layout, t.rank),
+    transfer = t.exchange_blocks(send, block, traffic_by_peer([block_bytes] * t.world_size, t.node_layout, t.rank),
                                  async_op=async_op)
     mode.stats.record(transfer.traffic)
     return transfer

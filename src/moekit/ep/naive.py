@@ -40,12 +40,12 @@ class NaiveBuffer:
         self.group = group
         self.num_ranks = mdist.world_size(group)
         self.rank = mdist.rank(group)
-        self.layout = mdist.node_layout(group, ranks_per_node)
+        self.node_layout = mdist.node_layout(group, ranks_per_node)
         self._comm = Comm(group, self.num_ranks, self.rank)
         self.stats = TrafficStats()
 
     def _traffic(self, counts: list[int], row_bytes: int) -> Traffic:
-        return traffic_by_peer([c * row_bytes for c in counts], self.layout, self.rank)
+        return traffic_by_peer([c * row_bytes for c in counts], self.node_layout, self.rank)
 
     def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, num_experts: int,
                  *, expert_alignment: int = 1, backward_hook: BackwardHook | None = None,

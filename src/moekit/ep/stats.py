@@ -43,29 +43,29 @@ class TrafficStats:
         self.last, self.total, self.num_calls = Traffic(), Traffic(), 0
 
 
-def traffic_by_peer(bytes_per_peer: Sequence[int], layout: NodeLayout, me: int) -> Traffic:
+def traffic_by_peer(bytes_per_peer: Sequence[int], node_layout: NodeLayout, me: int) -> Traffic:
     """Bytes sent to each group rank (``bytes_per_peer[r]``, r < R) split by hop: to ``me`` itself, to a rank
     of ``me``'s node, to a rank of another node."""
-    t, my_node = Traffic(), layout.node_of(me)
+    t, my_node = Traffic(), node_layout.node_of(me)
     for r, b in enumerate(bytes_per_peer):
         if r == me:
             t.self_bytes += b
-        elif layout.node_of(r) == my_node:
+        elif node_layout.node_of(r) == my_node:
             t.intra_node_bytes += b
         else:
             t.inter_node_bytes += b
     return t
 
 
-def traffic_two_stage(inter_counts: Sequence[int], intra_counts: Sequence[int], row_bytes: int, layout: NodeLayout,
+def traffic_two_stage(inter_counts: Sequence[int], intra_counts: Sequence[int], row_bytes: int, node_layout: NodeLayout,
                       me: int) -> Traffic:
     """The bytes of one two-stage exchange of ``row_bytes`` rows: the inter-node stage sends ``inter_counts[n]``
     rows to the rank of node n with ``me``'s local index, the intra-node stage ``intra_counts[l]`` rows to rank
     l of ``me``'s node. Both stages' rows are split by hop as :func:`traffic_by_peer` does."""
-    node, local = layout.node_of(me), layout.local_of(me)
-    per_peer = [0] * layout.world_size
+    node, local = node_layout.node_of(me), node_layout.local_of(me)
+    per_peer = [0] * node_layout.world_size
     for n, c in enumerate(inter_counts):
-        per_peer[layout.rank_of(n, local)] += c * row_bytes
+        per_peer[node_layout.rank_of(n, local)] += c * row_bytes
     for l, c in enumerate(intra_counts):
-        per_peer[layout.rank_of(node, l)] += c * row_bytes
-    return traffic_by_peer(per_peer, layout, me)
+        per_peer[node_layout.rank_of(node, l)] += c * row_bytes
+    return traffic_by_peer(per_peer, node_layout, me)

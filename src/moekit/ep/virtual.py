@@ -47,12 +47,18 @@ class VirtualGroup:
         check_positive_int("world_size", world_size)
         check_positive_int("num_sms", num_sms)
         self.world_size, self.device, self.num_sms = world_size, torch.device(device), num_sms
-        self.layout = NodeLayout(world_size, world_size)
+        self.node_layout = NodeLayout(world_size, world_size)
         self.heaps = virtual_heaps(world_size, heap_bytes, self.device, guard_bytes)
-        self.transports = [SymmetricTransport(Comm(None, world_size, r), self.layout, h, num_sms=num_sms,
+        self.transports = [SymmetricTransport(Comm(None, world_size, r), self.node_layout, h, num_sms=num_sms,
                                               timeout=timeout) for r, h in enumerate(self.heaps)]
         self.stats = [TrafficStats() for _ in range(world_size)]
         self._key = ("virtual", id(self))
+
+    @property
+    def layout(self) -> NodeLayout:
+        """The old name of :attr:`node_layout` (read-only), kept for code that reads it; "layout" otherwise
+        means a dispatch layout (``Buffer.get_dispatch_layout``)."""
+        return self.node_layout
 
     def _check_lists(self, name: str, values) -> list:
         if not isinstance(values, (list, tuple)) or len(values) != self.world_size:
@@ -98,7 +104,7 @@ class VirtualGroup:
             recv_counts = Chunks(sent[src][s] for src in range(r))
             received = sum(pe[s * epr:(s + 1) * epr] for pe in per_expert).tolist()
             h = DispatchHandle(
-                key=self._key, rank=s, layout=self.layout, num_experts=e, num_tokens=info.num_tokens,
+                key=self._key, rank=s, node_layout=self.node_layout, num_experts=e, num_tokens=info.num_tokens,
                 hidden=info.hidden, x_dtype=x_dtype, is_token_in_rank=in_rank[s], num_recv_tokens=sum(recv_counts),
                 num_recv_tokens_per_expert_list=[round_up(c, expert_alignment) for c in received],
                 send_counts=send_counts, recv_counts=recv_counts, send_token=send_token, dispatch_format=fmt,

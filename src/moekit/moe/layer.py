@@ -81,13 +81,13 @@ class MoE(nn.Module):
         self.config = config
         self.group = group
         self.ep_size, self.ep_rank = mdist.world_size(group), mdist.rank(group)
-        layout = mdist.node_layout(group, ranks_per_node)
-        config.check_ep(self.ep_size, layout.ranks_per_node)
-        self.layout = layout
+        node_layout = mdist.node_layout(group, ranks_per_node)
+        config.check_ep(self.ep_size, node_layout.ranks_per_node)
+        self.node_layout = node_layout
         e = config.n_routed_experts
         self.num_local_experts = e // self.ep_size
         self.expert_offset = self.ep_rank * self.num_local_experts
-        self.gate = router if router is not None else Gate(config, num_nodes=layout.num_nodes, device=device,
+        self.gate = router if router is not None else Gate(config, num_nodes=node_layout.num_nodes, device=device,
                                                            dtype=dtype)
         self.experts = RoutedExperts(self.num_local_experts, self.expert_offset, config.hidden_size,
                                      config.moe_intermediate_size, config.expert_backend, device=device, dtype=dtype)
@@ -101,12 +101,18 @@ class MoE(nn.Module):
         if buffer is None and self.ep_size > 1:
             from ..ep.buffer import Buffer  # (lazy: see the imports)
 
-            buffer = Buffer(group, ranks_per_node=layout.ranks_per_node,
+            buffer = Buffer(group, ranks_per_node=node_layout.ranks_per_node,
                             **({} if timeout is None else {"timeout": timeout}))
         self.buffer = buffer
         self.reset_parameters()
         if self.ep_size > 1:
             self.register_load_state_dict_pre_hook(_collective_load_check)
+
+    @property
+    def layout(self) -> mdist.NodeLayout:
+        """The old name of :attr:`node_layout` (read-only), kept for code that reads it; "layout" otherwise
+        means a dispatch layout (``Buffer.get_dispatch_layout``)."""
+        return self.node_layout
 
     def reset_parameters(self) -> None:
         """Fresh weights from torch's default generator; every rank (and every EP size) gets the same model

@@ -89,12 +89,12 @@ class Transport(abc.ABC):
     """
 
     name: str = "?"
-    layout: NodeLayout
+    node_layout: NodeLayout
     rank: int
 
     @property
     def world_size(self) -> int:
-        return self.layout.world_size
+        return self.node_layout.world_size
 
     @abc.abstractmethod
     def exchange_fixed(self, msg: torch.Tensor) -> torch.Tensor:

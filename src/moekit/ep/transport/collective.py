@@ -36,16 +36,16 @@ def _waiter(work) -> Callable[[], None] | None:
 class RowEngine(Transport):
     """Plan-walking over row communicators: ``comm`` (the group), ``inter``/``intra`` (two-stage path)."""
 
-    def __init__(self, comm, layout: NodeLayout, inter=None, intra=None):
-        self.comm, self.layout, self.rank = comm, layout, comm.rank
+    def __init__(self, comm, node_layout: NodeLayout, inter=None, intra=None):
+        self.comm, self.node_layout, self.rank = comm, node_layout, comm.rank
         self.inter, self.intra = inter, intra
 
     # ---- traffic -------------------------------------------------------------------------------
     def _flat_traffic(self, counts: list[int], row_bytes: int) -> Traffic:
-        return traffic_by_peer([c * row_bytes for c in counts], self.layout, self.rank)
+        return traffic_by_peer([c * row_bytes for c in counts], self.node_layout, self.rank)
 
     def _hier_traffic(self, inter_counts: list[int], intra_counts: list[int], row_bytes: int) -> Traffic:
-        return traffic_two_stage(inter_counts, intra_counts, row_bytes, self.layout, self.rank)
+        return traffic_two_stage(inter_counts, intra_counts, row_bytes, self.node_layout, self.rank)
 
     def _checker(self, op: str, buf: torch.Tensor, counts: list[int]) -> Callable[[], None]:
         return lambda: raise_status(op, first_failure(wire.read_statuses(buf, counts)), self.world_size)
@@ -125,10 +125,11 @@ class CollectiveTransport(RowEngine):
 
     name = "collective"
 
-    def __init__(self, comm: Comm, layout: NodeLayout, node_groups=None):
+    def __init__(self, comm: Comm, node_layout: NodeLayout, node_groups=None):
         inter = intra = None
         if node_groups is not None:
             me = comm.rank
-            inter = Comm(node_groups.inter, layout.num_nodes, layout.node_of(me), comm.timeout, comm.on_fail)
-            intra = Comm(node_groups.intra, layout.ranks_per_node, layout.local_of(me), comm.timeout, comm.on_fail)
-        super().__init__(comm, layout, inter, intra)
+            inter = Comm(node_groups.inter, node_layout.num_nodes, node_layout.node_of(me), comm.timeout, comm.on_fail)
+            intra = Comm(node_groups.intra, node_layout.ranks_per_node, node_layout.local_of(me), comm.timeout,
+                         comm.on_fail)
+        super().__init__(comm, node_layout, inter, intra)

@@ -17,12 +17,12 @@ from .torch_dist import Comm
 TRANSPORTS = ("auto", "collective", "symmetric")
 
 
-def symmetric_available(device: torch.device, layout: NodeLayout, hierarchical: bool) -> tuple[bool, str]:
+def symmetric_available(device: torch.device, node_layout: NodeLayout, hierarchical: bool) -> tuple[bool, str]:
     """Whether ``transport="symmetric"`` can run for this Buffer, and why (not)."""
     kind, why = heapmod.availability(device.type)
     if kind is None:
         return False, why
-    if layout.num_nodes > 1 and not hierarchical:
+    if node_layout.num_nodes > 1 and not hierarchical:
         return False, "the flat path spans several nodes (a heap lives inside one node): use the two-stage path"
     return True, why
 
@@ -37,7 +37,7 @@ def _check_agree(comm: Comm, heap_bytes: int, num_sms: int, device: torch.device
                              f"every rank: rank 0 has ({got[0][0]}, {got[0][1]}), rank {s} has ({b}, {k})")
 
 
-def make_transport(kind: str, comm: Comm, layout: NodeLayout, node_groups=None, *, num_sms: int = 20,
+def make_transport(kind: str, comm: Comm, node_layout: NodeLayout, node_groups=None, *, num_sms: int = 20,
                    device: torch.device | None = None, heap_bytes: int | None = None,
                    timeout: float | None = None) -> Transport:
     """The Transport of a Buffer. ``kind``: one of :data:`TRANSPORTS` (see ``Buffer``'s docstring).
@@ -56,7 +56,7 @@ def make_transport(kind: str, comm: Comm, layout: NodeLayout, node_groups=None, 
         raise ValueError(f"transport must be one of {TRANSPORTS}, got {kind!r}")
     device = torch.device("cpu") if device is None else device
     hierarchical = node_groups is not None
-    ok, why = symmetric_available(device, layout, hierarchical)
+    ok, why = symmetric_available(device, node_layout, hierarchical)
     if kind == "auto":
         prefer = os.environ.get("MOEKIT_TRANSPORT", "")
         if prefer == "collective" or not ok:
@@ -66,18 +66,19 @@ def make_transport(kind: str, comm: Comm, layout: NodeLayout, node_groups=None, 
         else:
             kind = "symmetric"
     if kind in ("auto", "collective"):
-        return CollectiveTransport(comm, layout, node_groups)
+        return CollectiveTransport(comm, node_layout, node_groups)
     if not ok:
         raise ValueError(f"transport='symmetric' is not available here: {why}")
     check_positive_int("heap_bytes", heap_bytes, none_ok=True, minimum=heapmod.MIN_BYTES)
     heap_bytes = DEFAULT_HEAP_BYTES if heap_bytes is None else heap_bytes
     _check_agree(comm, heap_bytes, num_sms, device)
     if comm.size == 1:
-        return SymmetricTransport(comm, layout, heapmod.virtual_heaps(1, heap_bytes, device)[0], num_sms=num_sms,
+        return SymmetricTransport(comm, node_layout, heapmod.virtual_heaps(1, heap_bytes, device)[0], num_sms=num_sms,
                                   timeout=DEFAULT_TIMEOUT_S if timeout is None else float(timeout))
     if hierarchical:
         me = comm.rank
-        heap_comm = Comm(node_groups.intra, layout.ranks_per_node, layout.local_of(me), comm.timeout, comm.on_fail)
+        heap_comm = Comm(node_groups.intra, node_layout.ranks_per_node, node_layout.local_of(me), comm.timeout,
+                         comm.on_fail)
     else:
         heap_comm = comm
     if device.type == "cpu":
@@ -85,5 +86,5 @@ def make_transport(kind: str, comm: Comm, layout: NodeLayout, node_groups=None, 
     else:
         group = heap_comm.group
         heap = heapmod.torch_symmetric_heap(group, heap_bytes, device)
-    return SymmetricTransport(comm, layout, heap, node_groups, num_sms=num_sms,
+    return SymmetricTransport(comm, node_layout, heap, node_groups, num_sms=num_sms,
                               timeout=DEFAULT_TIMEOUT_S if timeout is None else float(timeout))

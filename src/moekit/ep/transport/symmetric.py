@@ -204,29 +204,29 @@ class SymmetricTransport(RowEngine):
 
     Args:
         comm: the Buffer's collective ``Comm`` (construction checks, and the two-stage path's world).
-        layout: the node layout. heap: this rank's heap (over the group, or over its node when two-stage).
+        node_layout: the node layout. heap: this rank's heap (over the group, or over its node when two-stage).
         node_groups: the two-stage path's sub-groups, or None (flat: the heap spans the group).
         num_sms: K, the grid of every communication kernel. timeout: bound of every wait, seconds.
     """
 
     name = "symmetric"
 
-    def __init__(self, comm: Comm, layout: NodeLayout, heap: Heap, node_groups=None, *, num_sms: int = 20,
+    def __init__(self, comm: Comm, node_layout: NodeLayout, heap: Heap, node_groups=None, *, num_sms: int = 20,
                  timeout: float = DEFAULT_TIMEOUT_S):
         me = comm.rank
         if node_groups is None:
-            ranks = list(range(layout.world_size))
+            ranks = list(range(node_layout.world_size))
         else:
-            node = layout.node_of(me)
-            ranks = [layout.rank_of(node, l) for l in range(layout.ranks_per_node)]
+            node = node_layout.node_of(me)
+            ranks = [node_layout.rank_of(node, l) for l in range(node_layout.ranks_per_node)]
         self.heap = heap
         self.channel = Channel(heap, num_sms, timeout, ranks)
         sym = SymmetricComm(self.channel, group=comm.group if node_groups is None else node_groups.intra)
         if node_groups is None:
-            super().__init__(sym, layout)
+            super().__init__(sym, node_layout)
         else:
-            inter = Comm(node_groups.inter, layout.num_nodes, layout.node_of(me), comm.timeout, comm.on_fail)
-            super().__init__(comm, layout, inter, sym)
+            inter = Comm(node_groups.inter, node_layout.num_nodes, node_layout.node_of(me), comm.timeout, comm.on_fail)
+            super().__init__(comm, node_layout, inter, sym)
         self._plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     @property
