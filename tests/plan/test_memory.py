@@ -6,7 +6,7 @@ import pytest
 from moekit import MoEConfig
 from moekit.plan import ClusterSpec, ParallelPlan, plan
 from moekit.plan.memory import FP8_BYTES, StageMemory, activation_bytes, ep_buffer_bytes, peak_activations
-from moekit.schedule import layout
+from moekit.schedule import placement
 
 TINY = MoEConfig.preset("tiny")  # H=64, nh=4, dn=16, dr=8, dv=16, kv_lora=32, no q_lora, E=16, k=4, I=32/128
 
@@ -87,7 +87,7 @@ def test_ep_buffers_by_hand():
     ("interleaved", 4, 8, [11, 9, 7, 5]),  # chunks of half a 1F1B stage; warm-up 2(P-1-r) + (V-1)P
 ])
 def test_inflight_microbatches(schedule, pp, n, want):
-    stages = [StageMemory(0.25, 0.75, 0.0)] * layout(schedule, pp).num_stages
+    stages = [StageMemory(0.25, 0.75, 0.0)] * placement(schedule, pp).num_stages
     got = peak_activations(schedule, pp, n, stages)
     assert [p.total for p in got] == pytest.approx(want)
     assert [p.cache for p in got] == pytest.approx([0.75 * w for w in want])

@@ -7,14 +7,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moekit.plan import UniformCosts, bubble_formula, rank_orders, simulate
-from moekit.schedule import layout
+from moekit.schedule import placement as _placement
 
 
 @pytest.mark.parametrize("schedule, p, n", [("1f1b", 1, 1), ("1f1b", 4, 3), ("1f1b", 5, 12), ("dualpipe", 2, 4),
                                             ("dualpipe", 8, 20), ("dualpipev", 1, 2), ("dualpipev", 4, 10)])
 def test_every_rank_runs_every_microbatch_once(schedule, p, n):
-    lay = layout(schedule, p)
-    per_chunk = n // lay.num_directions
+    placement = _placement(schedule, p)
+    per_chunk = n // placement.num_directions
     for r, order in enumerate(rank_orders(schedule, p, n)):
         f, b, w, split = Counter(), Counter(), Counter(), Counter()
         for op in order:
@@ -66,13 +66,13 @@ def test_dualpipe_known_case():
 def test_records_respect_dependencies_and_ranks():
     p, n = 4, 8
     r = simulate("dualpipe", p, n, UniformCosts(1.0, 1.0, 0.5, 2.0), p2p=0.25)
-    lay = layout("dualpipe", p)
+    placement = _placement("dualpipe", p)
     by_rank = {}
     f_end = {}
     for rec in r.records:
         by_rank.setdefault(rec.rank, []).append(rec)
         if rec.phase in ("F", "FB"):
-            f_end[lay.stage_of[(rec.rank, rec.chunk)] + (rec.microbatch,)] = (rec.start, rec.end)
+            f_end[placement.stage_of[(rec.rank, rec.chunk)] + (rec.microbatch,)] = (rec.start, rec.end)
     for recs in by_rank.values():  # one op at a time per rank
         recs = sorted(recs, key=lambda x: x.start)
         assert all(a.end <= b.start + 1e-12 for a, b in zip(recs, recs[1:]))

@@ -50,7 +50,8 @@ from functools import lru_cache
 from typing import NamedTuple
 
 from ..config import MoEConfig
-from ..schedule import layout, programs
+from ..schedule import placement as _placement
+from ..schedule import programs
 
 FP8_BYTES = 1 + 4 / 128  # one byte per element + an fp32 scale per 1x128 tile
 E5M6_BYTES = 1.5
@@ -125,8 +126,8 @@ def inflight_states(schedule: str, pp: int, n: int) -> tuple[tuple[tuple[tuple[i
     cache counts per chunk, working set live)``, dominated moments removed. The peak bytes of any stage
     sizes is then the largest of a few dot products (``peak_activations``), so the walk over the op
     order runs once per (schedule, pp, n), not once per plan."""
-    lay = layout(schedule, pp)
-    chunks = 1 + max(c for _, c in lay.stage_of)
+    placement = _placement(schedule, pp)
+    chunks = 1 + max(c for _, c in placement.stage_of)
     out = []
     for order in programs(schedule, pp, n):
         hb, hc = [0] * chunks, [0] * chunks
@@ -157,13 +158,13 @@ def peak_activations(schedule: str, pp: int, n: int, stages: list[StageMemory]) 
     """Peak activation bytes on each pipeline rank over one step (the in-flight walk of the module
     docstring). ``stages[s]``: per-micro-batch bytes of pipeline stage ``s`` (one direction's stages;
     DualPipe's second direction mirrors the first)."""
-    lay = layout(schedule, pp)
-    if len(stages) != lay.num_stages:
-        raise ValueError(f"need {lay.num_stages} stages for {schedule} on pp={pp}, got {len(stages)}")
+    placement = _placement(schedule, pp)
+    if len(stages) != placement.num_stages:
+        raise ValueError(f"need {placement.num_stages} stages for {schedule} on pp={pp}, got {len(stages)}")
     peaks = []
     for r, states in enumerate(inflight_states(schedule, pp, n)):
-        chunks = sorted(c for (rr, c) in lay.stage_of if rr == r)
-        st = [stages[lay.stage_of[(r, c)][1]] for c in chunks]
+        chunks = sorted(c for (rr, c) in placement.stage_of if rr == r)
+        st = [stages[placement.stage_of[(r, c)][1]] for c in chunks]
         working = max(x.working for x in st)
         best = Peak(0.0, 0.0)
         for hb, hc, w in states:

@@ -15,7 +15,8 @@ from functools import lru_cache
 from typing import NamedTuple
 
 from ..config import MoEConfig
-from ..schedule import Layout, Simulation, bubble_formula, layout, programs, simulate
+from ..schedule import Placement, Simulation, bubble_formula, programs, simulate
+from ..schedule import placement as _placement
 from .cluster import ClusterSpec, ParallelPlan, load_cluster
 from .cost import (
     CommBytes,
@@ -362,14 +363,14 @@ def prepare(model: MoEConfig | str, cluster: ClusterSpec | str, parallel: Parall
     kinds = _item_kinds(cfg, p.mtp_depth)
     by_kind = {"dense": lc.dense, "moe": lc.moe, "head": lc.head}
     items = [by_kind[x] for x in kinds]
-    lay = layout(p.schedule, p.pp)
+    placement = _placement(p.schedule, p.pp)
     # Balance stages on what a layer costs in this schedule: the overlapped schedules hide EP comm under
     # the paired chunk's compute, 1F1B and interleaved 1F1B run it in series.
     if p.schedule in ("1f1b", "interleaved"):
         w_of = {x: sum(q.seconds for q in lt.forward() + lt.backward(True)) for x, lt in by_kind.items()}
     else:
         w_of = {x: max(lt.pair()) for x, lt in by_kind.items()}
-    sizes = list(_partition_cached(tuple(w_of[x] for x in kinds), lay.num_stages))
+    sizes = list(_partition_cached(tuple(w_of[x] for x in kinds), placement.num_stages))
     bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
     costs = StageCosts([items[a:b] for a, b in zip(bounds, bounds[1:])])
     # Consecutive stages sit on different nodes: activations [T, H] in bf16 over the inter-node link.
@@ -389,7 +390,7 @@ def prepare(model: MoEConfig | str, cluster: ClusterSpec | str, parallel: Parall
         stage_mem.append(StageMemory(tokens * sum(x.bf16 for x in parts), tokens * sum(x.cache for x in parts),
                                      tokens * max(x.working for x in parts)))
     peaks = peak_activations(p.schedule, p.pp, n, stage_mem)
-    dense_r, expert_r = _params_per_rank(cfg, p, lay, bounds, kinds)
+    dense_r, expert_r = _params_per_rank(cfg, p, placement, bounds, kinds)
     edp = dp // p.ep
     ep_buf = ep_buffer_bytes(cfg, tokens, lc.spread.ranks, p.fp8_dispatch, p.schedule in ("dualpipe", "dualpipev")) \
         if lc.needs_comm else 0.0
@@ -400,7 +401,7 @@ def prepare(model: MoEConfig | str, cluster: ClusterSpec | str, parallel: Parall
         per_rank.append((STATE_BYTES_REPLICATED * params + opt + peaks[r].total + ep_buf, r, opt))
     total, rk, opt = max(per_rank)
     params = dense_r[rk] + expert_r[rk]
-    big = max(stage_mem[st].bf16 + stage_mem[st].cache for (r, _c), (_d, st) in lay.stage_of.items() if r == rk)
+    big = max(stage_mem[st].bf16 + stage_mem[st].cache for (r, _c), (_d, st) in placement.stage_of.items() if r == rk)
     memory = MemoryReport(weights=2.0 * params, grads=4.0 * params, optimizer=opt, activations=peaks[rk].total,
                           activations_cache=peaks[rk].cache, ep_buffers=ep_buf, total=total,
                           capacity=cl.hbm_gb * 1e9, fits=total <= cl.hbm_gb * 1e9,
@@ -414,7 +415,7 @@ def prepare(model: MoEConfig | str, cluster: ClusterSpec | str, parallel: Parall
     # AdamW on this rank's optimizer shard: ~28 bytes read+written per parameter at HBM speed.
     optimizer = max(28 * (d / dp + e / edp) for d, e in zip(dense_r, expert_r)) / \
         (cl.hbm_tbps * cl.hbm_efficiency * 1e12)
-    lb = _pipeline_lower_bound(p, n, lay, costs, p2p) + dp_sync + optimizer
+    lb = _pipeline_lower_bound(p, n, placement, costs, p2p) + dp_sync + optimizer
     # The rank with the most parameters, for the report (the fullest in memory is ``memory``).
     dense_p, expert_p = max(zip(dense_r, expert_r), key=lambda de: de[0] + de[1])
     state = STATE_BYTES_REPLICATED * (dense_p + expert_p) + STATE_BYTES_SHARDED * (dense_p / dp + expert_p / edp)
@@ -433,7 +434,7 @@ def _op_counts(schedule: str, pp: int, n: int) -> tuple[tuple[tuple[tuple, int],
     return tuple(out)
 
 
-def _pipeline_lower_bound(p: ParallelPlan, n: int, lay: Layout, costs: StageCosts, p2p: float) -> float:
+def _pipeline_lower_bound(p: ParallelPlan, n: int, placement: Placement, costs: StageCosts, p2p: float) -> float:
     """A lower bound on the simulated pipeline time, for the search. Op durations do not depend on when
     an op starts, so a rank's busy time is exact; it cannot start before the first micro-batch's
     forward reaches its first stage (``head``); after its last backward, that micro-batch's backward
@@ -443,19 +444,20 @@ def _pipeline_lower_bound(p: ParallelPlan, n: int, lay: Layout, costs: StageCost
     for r, (counts, ends) in enumerate(zip(_op_counts(p.schedule, p.pp, n), _ends(p.schedule, p.pp, n))):
         busy = 0.0
         for (kind, chunk, split, chunk_b), k in counts:
-            s = lay.stage_of[(r, chunk)][1]
-            sb = lay.stage_of[(r, chunk_b)][1] if chunk_b is not None else None
+            s = placement.stage_of[(r, chunk)][1]
+            sb = placement.stage_of[(r, chunk_b)][1] if chunk_b is not None else None
             busy += k * costs.op(kind, s, split, sb).duration
-        s0 = lay.stage_of[(r, ends.first_chunk)][1]
+        s0 = placement.stage_of[(r, ends.first_chunk)][1]
         head = sum(costs.op("F", s, False, None).duration for s in range(s0)) + (p2p if s0 else 0.0)
         bound = head + busy
         if ends.last_b_chunk is not None:
-            sl = lay.stage_of[(r, ends.last_b_chunk)][1]
+            sl = placement.stage_of[(r, ends.last_b_chunk)][1]
             # The earlier stages' backwards of that micro-batch: at least their input-gradient part (the
             # whole backward where the schedule never splits it).
             split = p.schedule in ("dualpipe", "dualpipev")
             tail = sum(costs.op("B", s, split, None).duration for s in range(sl)) + (p2p if sl else 0.0)
-            w_after = sum(k * costs.op("W", lay.stage_of[(r, c)][1], False, None).duration for c, k in ends.w_after)
+            w_after = sum(k * costs.op("W", placement.stage_of[(r, c)][1], False, None).duration
+                          for c, k in ends.w_after)
             bound = max(bound, head + busy - w_after + tail)
         best = max(best, bound)
     return best
@@ -518,7 +520,7 @@ def finish(pr: Prepared, cache: dict | None = None, give_up_after: float | None 
 
 def _stage_average_bubble(p: ParallelPlan, costs: StageCosts) -> float:
     """The schedule's bubble formula with this plan's stage-average F, B, W and F&B seconds."""
-    ns = layout(p.schedule, p.pp).num_stages
+    ns = _placement(p.schedule, p.pp).num_stages
     avg = [sum(costs.op(kind, s, split, s).duration for s in range(ns)) / ns
            for kind, split in (("F", False), ("B", True), ("W", False), ("FB", False))]
     return bubble_formula(p.schedule, p.pp, *avg)
@@ -568,7 +570,7 @@ def _layer_report(cfg: MoEConfig, cl: ClusterSpec, p: ParallelPlan, spread: Spre
         smallest_hiding_sms=hide_k, pair_comm_hidden=pt.hidden, pair_compute_busy=pt.busy)
 
 
-def _params_per_rank(cfg: MoEConfig, p: ParallelPlan, lay: Layout, bounds: list[int],
+def _params_per_rank(cfg: MoEConfig, p: ParallelPlan, placement: Placement, bounds: list[int],
                      kinds: list[str]) -> tuple[list[float], list[float]]:
     """(non-expert, expert-on-this-GPU) parameters of each pipeline rank: the stages it holds (two for
     DualPipe(V) and interleaved). The embedding sits in the first stage; the MTP heads share the main
@@ -588,7 +590,7 @@ def _params_per_rank(cfg: MoEConfig, p: ParallelPlan, lay: Layout, bounds: list[
         dense_s.append(d)
         expert_s.append(e)
     dense_r, expert_r = [0.0] * p.pp, [0.0] * p.pp
-    for (r, _c), (_d, st) in lay.stage_of.items():
+    for (r, _c), (_d, st) in placement.stage_of.items():
         dense_r[r] += dense_s[st]
         expert_r[r] += expert_s[st] / p.ep
     return dense_r, expert_r

@@ -1,6 +1,6 @@
 """The schedule model shared by the pipeline runtime and the planner, torch-free.
 
-- ``ops``: ``Op``, the stage placement (``layout``, ``stage_graph``), ``check_schedule`` and the per-rank
+- ``ops``: ``Op``, the stage placement (``placement``, ``stage_graph``), ``check_schedule`` and the per-rank
   programs of 1F1B, interleaved 1F1B, DualPipe and DualPipeV (``program``, ``programs``);
 - ``simulator``: the discrete-event simulator (``simulate`` -> ``Simulation``) over a pluggable cost
   model (``CostModel``, ``OpTiming``, ``UniformCosts``), with the global p2p message order (``Message``);
@@ -16,13 +16,13 @@ from .bubbles import bubble_formula
 from .ops import (
     INTERLEAVE,
     SCHEDULES,
-    Layout,
     Op,
+    Placement,
     Stage,
     StageLinks,
     check_schedule,
-    layout,
     microbatches_per_direction,
+    placement,
     program,
     programs,
     stage_graph,
@@ -31,7 +31,7 @@ from .records import PHASES, PhaseRecord
 from .simulator import CostModel, Message, OpTiming, Simulation, UniformCosts, sim_records, simulate
 
 __all__ = [
-    "INTERLEAVE", "PHASES", "SCHEDULES", "CostModel", "Layout", "Message", "Op", "OpTiming", "PhaseRecord",
-    "Simulation", "Stage", "StageLinks", "UniformCosts", "bubble_formula", "check_schedule", "layout",
-    "microbatches_per_direction", "program", "programs", "sim_records", "simulate", "stage_graph",
+    "INTERLEAVE", "PHASES", "SCHEDULES", "CostModel", "Message", "Op", "OpTiming", "PhaseRecord", "Placement",
+    "Simulation", "Stage", "StageLinks", "UniformCosts", "bubble_formula", "check_schedule",
+    "microbatches_per_direction", "placement", "program", "programs", "sim_records", "simulate", "stage_graph",
 ]

@@ -61,7 +61,7 @@ class StageLinks(NamedTuple):
     next: Stage | None
 
 
-class Layout(NamedTuple):
+class Placement(NamedTuple):
     """Where stages live: ``stage_of[(rank, chunk)] = (direction, stage)``, ``rank_of`` the inverse;
     ``num_stages`` per direction."""
 
@@ -83,7 +83,7 @@ def _unknown(schedule) -> ValueError:
 
 
 @lru_cache(maxsize=256)
-def layout(schedule: str, num_ranks: int) -> Layout:
+def placement(schedule: str, num_ranks: int) -> Placement:
     """The stage placement of ``schedule`` on ``num_ranks`` pipeline ranks (cached: do not modify it).
 
     Raises ``ValueError`` for an unknown schedule; the rank count is checked by ``check_schedule``.
@@ -101,13 +101,13 @@ def layout(schedule: str, num_ranks: int) -> Layout:
         raise _unknown(schedule)
     stage_of = {st: (d, i) for d, chain in enumerate(chains) for i, st in enumerate(chain)}
     rank_of = {v: k for k, v in stage_of.items()}
-    return Layout(schedule, num_ranks, len(chains[0]), len(chains), stage_of, rank_of)
+    return Placement(schedule, num_ranks, len(chains[0]), len(chains), stage_of, rank_of)
 
 
 def stage_graph(schedule: str, num_ranks: int) -> dict[Stage, StageLinks]:
-    """Every stage of ``layout(schedule, num_ranks)`` with its neighbours: ``{(rank, chunk): StageLinks}``."""
-    lay = layout(schedule, num_ranks)
-    return {st: lay.links(*st) for st in lay.stage_of}
+    """Every stage of ``placement(schedule, num_ranks)`` with its neighbours: ``{(rank, chunk): StageLinks}``."""
+    links = placement(schedule, num_ranks).links
+    return {st: links(*st) for st in placement(schedule, num_ranks).stage_of}
 
 
 def microbatches_per_direction(schedule: str, num_microbatches: int) -> int:

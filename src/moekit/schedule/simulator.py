@@ -21,7 +21,8 @@ import functools
 import operator
 from typing import NamedTuple, Protocol
 
-from .ops import Op, Stage, check_schedule, layout
+from .ops import Op, Stage, check_schedule
+from .ops import placement as _placement
 from .ops import programs as _programs
 from .records import PhaseRecord
 
@@ -146,31 +147,31 @@ class _Compiled(NamedTuple):
 
 
 def _compile(schedule: str, num_ranks: int, progs) -> tuple[tuple[_Compiled, ...], ...]:
-    lay = layout(schedule, num_ranks)
+    placement = _placement(schedule, num_ranks)
     out = []
     for r, prog in enumerate(progs):
         ops = []
         for op in prog:
             deps, outs, sends = [], [], []
             if op.kind in ("F", "FB"):  # waits for the previous stage's forward, feeds the next stage
-                d, s = lay.stage_of[(r, op.chunk)]
+                d, s = placement.stage_of[(r, op.chunk)]
                 outs.append(("F", d, s, op.mb))
-                prev, nxt = lay.rank_of.get((d, s - 1)), lay.rank_of.get((d, s + 1))
+                prev, nxt = placement.rank_of.get((d, s - 1)), placement.rank_of.get((d, s + 1))
                 if prev is not None:
                     deps.append((("F", d, s - 1, op.mb), prev[0] != r))  # DualPipeV's turn stays on the rank
                 if nxt is not None and nxt[0] != r:
                     sends.append(Message("F", (r, op.chunk), nxt, op.mb))
             if op.kind in ("B", "FB"):  # waits for the next stage's backward (the last: its own forward)
                 cb, mb = (op.chunk, op.mb) if op.kind == "B" else (op.chunk_b, op.mb_b)
-                d, s = lay.stage_of[(r, cb)]
+                d, s = placement.stage_of[(r, cb)]
                 outs.append(("B", d, s, mb))
-                prev, nxt = lay.rank_of.get((d, s - 1)), lay.rank_of.get((d, s + 1))
+                prev, nxt = placement.rank_of.get((d, s - 1)), placement.rank_of.get((d, s + 1))
                 deps.append((("B", d, s + 1, mb), nxt[0] != r) if nxt is not None else (("F", d, s, mb), False))
                 if prev is not None and prev[0] != r:
                     sends.append(Message("B", (r, cb), prev, mb))
-            stage = lay.stage_of[(r, op.chunk)][1]
+            stage = placement.stage_of[(r, op.chunk)][1]
             if op.kind == "FB":
-                cost = ("FB", stage, False, lay.stage_of[(r, op.chunk_b)][1])
+                cost = ("FB", stage, False, placement.stage_of[(r, op.chunk_b)][1])
             else:
                 cost = (op.kind, stage, op.split if op.kind == "B" else False, None)
             ops.append(_Compiled(op.kind, cost, tuple(deps), tuple(outs), tuple(sends),
