@@ -88,25 +88,19 @@ def test_single_rank_without_weights_and_fp8_pair():
 
 
 def test_node_layout_and_its_old_name():
-    """``Buffer.node_layout`` is the NodeLayout; ``layout`` is its old name, read-only."""
-    buf = Buffer()
-    assert (buf.node_layout.world_size, buf.node_layout.ranks_per_node) == (1, 1)
-    assert buf.layout is buf.node_layout
-    with pytest.raises(AttributeError):
-        buf.layout = buf.node_layout
-
-
-
-def test_moe_and_virtual_group_keep_layout_as_old_name():
-    """``MoE.layout`` and ``VirtualGroup.layout`` are read-only old names of their ``node_layout``."""
+    """``node_layout`` is the NodeLayout of a Buffer, a MoE layer and a VirtualGroup; ``layout`` is its old
+    name, read-only."""
     from moekit import MoEConfig
     from moekit.ep import VirtualGroup
     from moekit.moe import MoE
 
-    for obj, world in ((MoE(MoEConfig.preset("tiny")), 1), (VirtualGroup(2, heap_bytes=1 << 16), 2)):
-        assert obj.layout is obj.node_layout and obj.node_layout.world_size == world
+    for obj, world in ((Buffer(), 1), (MoE(MoEConfig.preset("tiny")), 1), (VirtualGroup(2, heap_bytes=1 << 16), 2)):
+        assert obj.layout is obj.node_layout
+        assert (obj.node_layout.world_size, obj.node_layout.ranks_per_node) == (world, world)
         with pytest.raises(AttributeError):
             obj.layout = obj.node_layout
+
+
 def test_non_contiguous_inputs():
     buf = Buffer()
     x = torch.randn(64, 7).t()  # [7, 64], non-contiguous
