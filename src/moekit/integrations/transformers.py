@@ -317,9 +317,18 @@ def from_pretrained(path_or_dir: str, group: dist.ProcessGroup | None = None, *,
     with a ``weight_scale_inv`` (DeepSeek-V3's published format: one fp32 scale per 128x128 block) are
     dequantized into ``dtype``; with ``fp8=True`` (default: FP8 checkpoint on CUDA with H and I multiples of
     128) the experts then run moekit's FP8 grouped GEMM, which quantizes them per 128x128 block again (the
-    checkpoint's own values when its scales are the blocks' amax / 448). transport, fp8: as in
+    checkpoint's own values when its scales are the blocks' amax / 448). gpt-oss's MXFP4 checkpoints
+    (``quantization_config.quant_method == "mxfp4"``, as openai/gpt-oss-20b / 120b publish them): the routed
+    experts' ``mlp.experts.{gate_up_proj,down_proj}_blocks`` (uint8 ``[E, 2I, H/32, 16]`` / ``[E, H, I/32, 16]``,
+    two FP4 E2M1 values per byte) and ``..._scales`` (uint8 E8M0 ``[E, 2I, H/32]`` / ``[E, H, I/32]``) are read
+    for this rank's E/R experts only (rows of dim 0), dequantized into ``dtype``
+    (:func:`moekit.kernels.reference.mxfp4_dequant_ref`) and transposed into ``GptOssExperts``' ``[E, H, 2I]``
+    / ``[E, I, H]``; everything else is stored bf16 and read as is. ``bytes_read`` counts what is stored
+    (packed bytes + scales). The experts then run in ``dtype`` (no MXFP4 GEMM). transport, fp8: as in
     :func:`expert_parallel`. Collective over ``group``. Returns the model in eval mode.
-    Raises ``ValueError`` for a missing directory or shards, an unsupported architecture, missing tensors.
+    Raises ``ValueError`` for a missing directory or shards, an unsupported architecture or quantization
+    (any other ``quant_method``; ``mxfp4`` for another architecture), an MXFP4 ``*_blocks`` key without its
+    ``*_scales`` key or the reverse, missing tensors.
     """
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
