@@ -277,7 +277,7 @@ def _materialize(model: nn.Module, device: torch.device) -> None:
 
 
 _MXFP4_BLOCKS, _MXFP4_SCALES = "_blocks", "_scales"
-_MXFP4_KEY = re.compile(r"^model\.layers\.\d+\.mlp\.experts\.\w+_(blocks|scales)$")
+_MXFP4_KEY = re.compile(r"^model\.layers\.\d+\.mlp\.experts\.(gate_up_proj|down_proj)_(blocks|scales)$")
 
 
 def _check_mxfp4_pairs(key_file: dict[str, str]) -> None:
@@ -411,7 +411,7 @@ def from_pretrained(path_or_dir: str, group: dist.ProcessGroup | None = None, *,
 
     def read_mxfp4(stem: str, rows: slice, dst_dtype: torch.dtype) -> torch.Tensor:
         """This rank's experts (``rows`` of dim 0) of gpt-oss's ``{stem}_blocks`` / ``{stem}_scales``,
-        dequantized: ``[E_loc, cols, rows]`` in the parameter's layout (see the transpose below)."""
+        dequantized into ``dst_dtype`` and transposed to the parameter's ``[E_loc, in, out]``."""
         nonlocal bytes_read
         blocks = handle(key_file[stem + "_blocks"]).get_slice(stem + "_blocks")[rows]  # [E_loc, R, G, 16] uint8
         scales = handle(key_file[stem + "_scales"]).get_slice(stem + "_scales")[rows]  # [E_loc, R, G] uint8
@@ -456,10 +456,8 @@ def from_pretrained(path_or_dir: str, group: dist.ProcessGroup | None = None, *,
                 experts_read += n
                 experts_skipped += moe.config.n_routed_experts - n
                 continue
-            stem = m.group(2).removesuffix(_MXFP4_BLOCKS)
-            if (is_mxfp4 and isinstance(moe.experts, ClampedSwiGLUExperts) and m.group(2).endswith(_MXFP4_BLOCKS)
-                    and stem in ("gate_up_proj", "down_proj")):
-                param = getattr(moe.experts, stem)
+            if is_mxfp4 and isinstance(moe.experts, ClampedSwiGLUExperts) and _MXFP4_KEY.match(key):  # *_blocks
+                param = getattr(moe.experts, m.group(2).removesuffix(_MXFP4_BLOCKS))
                 put(param, read_mxfp4(key.removesuffix(_MXFP4_BLOCKS), slice(lo, lo + n), param.dtype), key)
                 experts_read += n
                 experts_skipped += moe.config.n_routed_experts - n
