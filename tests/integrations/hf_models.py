@@ -116,3 +116,58 @@ def write_fp8_deepseek(root: str, seed: int = 0, **overrides) -> tuple[str, str]
     with open(os.path.join(fp8_dir, "config.json"), "w") as f:
         json.dump(cfg, f)
     return fp8_dir, deq_dir
+
+
+# --- gpt-oss's MXFP4 checkpoints, packed here (not with moekit's code, which the tests check) ----------------
+
+E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], dtype=torch.float64)  # codes 0-7; bit 3 = sign
+
+
+def mxfp4_pack(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``w [..., K]`` (K a multiple of 32) -> ``(blocks uint8 [..., K/32, 16], scales uint8 [..., K/32], the
+    values they encode float64 [..., K])``: one power-of-two scale per 32 values, the smallest that brings the
+    block's max-abs within E2M1's 6, then each value rounded to the nearest E2M1 magnitude (ties to the lower
+    code). Even elements in the low nibble, odd ones in the high nibble (gpt-oss's layout)."""
+    *lead, k = w.shape
+    x = w.double().reshape(*lead, k // 32, 32)
+    amax = x.abs().amax(dim=-1)
+    e = torch.where(amax > 0, torch.ceil(torch.log2(amax / 6.0)), torch.full_like(amax, -127.0)).clamp(-127, 127)
+    scaled = x / torch.exp2(e).unsqueeze(-1)
+    mag = (scaled.abs().unsqueeze(-1) - E2M1).abs().argmin(dim=-1)  # [..., G, 32] in 0..7
+    codes = (mag | ((scaled < 0).long() << 3)).to(torch.uint8)
+    values = torch.where(scaled < 0, -E2M1[mag], E2M1[mag]) * torch.exp2(e).unsqueeze(-1)
+    blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return blocks.contiguous(), (e + 127).to(torch.uint8), values.reshape(*lead, k)
+
+
+def write_mxfp4_gpt_oss(root: str, seed: int = 0, **overrides) -> tuple[str, str]:
+    """A tiny gpt-oss checkpoint as openai/gpt-oss-* publish it: the routed experts' ``gate_up_proj`` /
+    ``down_proj`` as ``*_blocks`` + ``*_scales`` (stored output-rows first, ``[E, 2I, H/32, 16]`` and
+    ``[E, H, I/32, 16]``), everything else bf16, ``quantization_config.quant_method = "mxfp4"``; and the same
+    model with exactly those values in fp32 (``save_pretrained``), to run in transformers.
+    Returns ``(mxfp4 dir, dequantized dir)``."""
+    from safetensors.torch import save_file
+
+    model = build("gpt_oss", seed, **overrides)
+    mx_dir, deq_dir = os.path.join(root, "mxfp4"), os.path.join(root, "dequant")
+    tensors = {}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            stem = name.rsplit(".", 1)[-1]
+            if ".mlp.experts." in name and stem in ("gate_up_proj", "down_proj"):
+                blocks, scales, values = mxfp4_pack(p.transpose(1, 2))  # [E, out, in]: blocks along `in`
+                tensors[name + "_blocks"], tensors[name + "_scales"] = blocks, scales
+                p.copy_(values.transpose(1, 2))
+            else:
+                tensors[name] = p.to(torch.bfloat16).contiguous()
+                p.copy_(tensors[name])
+    model.save_pretrained(deq_dir)
+    os.makedirs(mx_dir)
+    save_file(tensors, os.path.join(mx_dir, "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.load(open(os.path.join(deq_dir, "config.json")))
+    cfg["dtype"] = "bfloat16"
+    cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    with open(os.path.join(mx_dir, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    return mx_dir, deq_dir

@@ -30,6 +30,7 @@ from torch import nn
 
 from .. import dist as mdist
 from ..config import MoEConfig
+from ..kernels.reference import mxfp4_dequant_ref
 from ..moe.hf import dequantize_block_fp8
 from ..moe.layer import MoE, is_expert_param
 from ..routing.balance import ExpertLoad
@@ -275,6 +276,20 @@ def _materialize(model: nn.Module, device: torch.device) -> None:
                     setattr(parent, name, type(child)(child.config))
 
 
+_MXFP4_BLOCKS, _MXFP4_SCALES = "_blocks", "_scales"
+_MXFP4_KEY = re.compile(r"^model\.layers\.\d+\.mlp\.experts\.(gate_up_proj|down_proj)_(blocks|scales)$")
+
+
+def _check_mxfp4_pairs(key_file: dict[str, str]) -> None:
+    """Every MXFP4 ``*_blocks`` key has its ``*_scales`` key and the reverse (gpt-oss's checkpoints store the
+    routed experts' gate_up_proj / down_proj so, e.g. openai/gpt-oss-20b's model.safetensors.index.json)."""
+    for key in filter(_MXFP4_KEY.match, key_file):
+        for have, need in ((_MXFP4_BLOCKS, _MXFP4_SCALES), (_MXFP4_SCALES, _MXFP4_BLOCKS)):
+            if key.endswith(have) and key.removesuffix(have) + need not in key_file:
+                raise ValueError(f"from_pretrained: MXFP4 tensor {key} has no {key.removesuffix(have) + need} "
+                                 f"in the checkpoint (blocks and scales come in pairs)")
+
+
 def _expert_slot(moe_by_layer: dict[int, MoE], layer: int, expert: int) -> tuple[MoE, int] | None:
     moe = moe_by_layer.get(layer)
     if moe is None:
@@ -302,9 +317,18 @@ def from_pretrained(path_or_dir: str, group: dist.ProcessGroup | None = None, *,
     with a ``weight_scale_inv`` (DeepSeek-V3's published format: one fp32 scale per 128x128 block) are
     dequantized into ``dtype``; with ``fp8=True`` (default: FP8 checkpoint on CUDA with H and I multiples of
     128) the experts then run moekit's FP8 grouped GEMM, which quantizes them per 128x128 block again (the
-    checkpoint's own values when its scales are the blocks' amax / 448). transport, fp8: as in
+    checkpoint's own values when its scales are the blocks' amax / 448). gpt-oss's MXFP4 checkpoints
+    (``quantization_config.quant_method == "mxfp4"``, as openai/gpt-oss-20b / 120b publish them): the routed
+    experts' ``mlp.experts.{gate_up_proj,down_proj}_blocks`` (uint8 ``[E, 2I, H/32, 16]`` / ``[E, H, I/32, 16]``,
+    two FP4 E2M1 values per byte) and ``..._scales`` (uint8 E8M0 ``[E, 2I, H/32]`` / ``[E, H, I/32]``) are read
+    for this rank's E/R experts only (rows of dim 0), dequantized into ``dtype``
+    (:func:`moekit.kernels.reference.mxfp4_dequant_ref`) and transposed into ``GptOssExperts``' ``[E, H, 2I]``
+    / ``[E, I, H]``; everything else is stored bf16 and read as is. ``bytes_read`` counts what is stored
+    (packed bytes + scales). The experts then run in ``dtype`` (no MXFP4 GEMM). transport, fp8: as in
     :func:`expert_parallel`. Collective over ``group``. Returns the model in eval mode.
-    Raises ``ValueError`` for a missing directory or shards, an unsupported architecture, missing tensors.
+    Raises ``ValueError`` for a missing directory or shards, an unsupported architecture or quantization
+    (any other ``quant_method``; ``mxfp4`` for another architecture), an MXFP4 ``*_blocks`` key without its
+    ``*_scales`` key or the reverse, missing tensors.
     """
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -314,12 +338,17 @@ def from_pretrained(path_or_dir: str, group: dist.ProcessGroup | None = None, *,
     config = AutoConfig.from_pretrained(path_or_dir, local_files_only=True)
     name, arch = architecture_of(config)
     quant = getattr(config, "quantization_config", None)
+    is_mxfp4 = False
     if quant is not None:
         q = quant if isinstance(quant, dict) else quant.to_dict()
-        if q.get("quant_method") != "fp8":
-            raise ValueError(f"from_pretrained: quantization {q.get('quant_method')!r} is not supported (only "
-                             f"DeepSeek-V3's block FP8)")
-        del config.quantization_config  # moekit dequantizes these itself: no HF FP8 linear layers
+        method = q.get("quant_method")
+        is_mxfp4 = method == "mxfp4" and arch.experts == "clamped_swiglu"
+        if method != "fp8" and not is_mxfp4:
+            raise ValueError(f"from_pretrained: quantization {method!r} is not supported for {name} (only "
+                             f"DeepSeek-V3's block FP8, and gpt-oss's MXFP4 for GptOssForCausalLM)")
+        # moekit dequantizes these itself: no HF FP8 linear layers / Mxfp4GptOssExperts, the plain modules'
+        # shapes (gpt-oss: GptOssExperts' bf16 gate_up_proj [E, H, 2I], down_proj [E, I, H]).
+        del config.quantization_config
     if dtype is None:
         dtype = getattr(config, "dtype", None) or torch.float32
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
@@ -335,6 +364,8 @@ def from_pretrained(path_or_dir: str, group: dist.ProcessGroup | None = None, *,
         with safe_open(f, framework="pt") as s:
             key_file.update({k: f for k in s.keys()})
     is_fp8 = any(k.endswith("weight_scale_inv") for k in key_file)
+    if is_mxfp4:
+        _check_mxfp4_pairs(key_file)
     if fp8 is None:
         h, i = config.hidden_size, getattr(config, "moe_intermediate_size", None) or config.intermediate_size
         fp8 = is_fp8 and device.type == "cuda" and h % 128 == 0 and i % 128 == 0
@@ -378,6 +409,18 @@ def from_pretrained(path_or_dir: str, group: dist.ProcessGroup | None = None, *,
             t = dequantize_block_fp8(t, s, dtype=torch.float32)
         return t
 
+    def read_mxfp4(stem: str, rows: slice, dst_dtype: torch.dtype) -> torch.Tensor:
+        """This rank's experts (``rows`` of dim 0) of gpt-oss's ``{stem}_blocks`` / ``{stem}_scales``,
+        dequantized into ``dst_dtype`` and transposed to the parameter's ``[E_loc, in, out]``."""
+        nonlocal bytes_read
+        blocks = handle(key_file[stem + "_blocks"]).get_slice(stem + "_blocks")[rows]  # [E_loc, R, G, 16] uint8
+        scales = handle(key_file[stem + "_scales"]).get_slice(stem + "_scales")[rows]  # [E_loc, R, G] uint8
+        bytes_read += blocks.numel() * blocks.element_size() + scales.numel() * scales.element_size()
+        # The checkpoint stores each expert's matrix output-rows first ([E, 2I, H] for gate_up, [E, H, I] for
+        # down, blocks along the last dim), the transpose of GptOssExperts' [E, H, 2I] / [E, I, H]:
+        # transformers' convert_moe_packed_tensors (transformers/integrations/mxfp4.py) transposes dims 1, 2.
+        return mxfp4_dequant_ref(blocks, scales, dst_dtype).transpose(1, 2)
+
     def put(dst: torch.Tensor, value: torch.Tensor, key: str) -> None:
         if tuple(value.shape) != tuple(dst.shape):
             raise ValueError(f"from_pretrained: {key} has shape {list(value.shape)}, the model expects "
@@ -387,8 +430,8 @@ def from_pretrained(path_or_dir: str, group: dist.ProcessGroup | None = None, *,
         loaded.add(id(dst))
 
     for key in key_file:
-        if key.endswith("weight_scale_inv"):
-            continue
+        if key.endswith("weight_scale_inv") or (is_mxfp4 and _MXFP4_KEY.match(key) and key.endswith(_MXFP4_SCALES)):
+            continue  # read with their weight / blocks
         m = expert_re.match(key)
         if m and m.group(3) in proj_of:
             slot = _expert_slot(moe_by_layer, int(m.group(1)), int(m.group(2)))
@@ -410,6 +453,12 @@ def from_pretrained(path_or_dir: str, group: dist.ProcessGroup | None = None, *,
             lo, n, i = moe.expert_offset, moe.num_local_experts, moe.config.moe_intermediate_size
             if isinstance(moe.experts, ClampedSwiGLUExperts) and m.group(2) in ClampedSwiGLUExperts.PARAMS:
                 put(getattr(moe.experts, m.group(2)), read(key, slice(lo, lo + n)), key)
+                experts_read += n
+                experts_skipped += moe.config.n_routed_experts - n
+                continue
+            if is_mxfp4 and isinstance(moe.experts, ClampedSwiGLUExperts) and _MXFP4_KEY.match(key):  # *_blocks
+                param = getattr(moe.experts, m.group(2).removesuffix(_MXFP4_BLOCKS))
+                put(param, read_mxfp4(key.removesuffix(_MXFP4_BLOCKS), slice(lo, lo + n), param.dtype), key)
                 experts_read += n
                 experts_skipped += moe.config.n_routed_experts - n
                 continue

@@ -1,4 +1,5 @@
-"""Plain-torch references of every FP8 kernel: the CPU path and what the Triton kernels are tested against.
+"""Plain-torch references of every FP8 kernel (the CPU path and what the Triton kernels are tested against), and
+moekit's dequantizers of stored formats (MXFP4: :func:`mxfp4_dequant_ref`).
 
 Quantization (DeepSeek-V3's recipe): a scale is the tile's max-abs (clamped below at 1e-4) over the format's
 max (448 for e4m3fn, 240 for e4m3fnuz), the data is ``x / scale`` rounded to e4m3 with saturation;
@@ -80,6 +81,72 @@ def per_block_dequant_ref(q: torch.Tensor, scales: torch.Tensor, block: int) -> 
     nb, kb = p.shape[-2] // block, p.shape[-1] // block
     t = p.reshape(*lead, nb, block, kb, block) * scales[..., :, None, :, None]
     return t.reshape(*lead, nb * block, kb * block)[..., :n, :k].contiguous()
+
+
+# --- MXFP4 (OCP Microscaling Formats (MX) Specification v1.0, section 5: MXFP4 = 32 FP4 E2M1 elements sharing
+# one E8M0 scale) -------------------------------------------------------------------------------------------------
+
+MXFP4_BLOCK = 32  # elements per shared scale (OCP MX v1.0, section 5: k = 32 for every concrete MX format)
+# The 16 FP4 E2M1 values by code (OCP MX v1.0, section 5, the FP4 element type): bit 3 the sign, bits 2-1 the
+# exponent (bias 1), bit 0 the mantissa; exponent 0 is subnormal (0, 0.5); no Inf/NaN codes; max 6.
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+E8M0_BIAS = 127  # an E8M0 scale byte s means 2**(s - 127) (OCP MX v1.0, section 5, the E8M0 scale type)
+E8M0_NAN = 0xFF  # ... except 0xFF, the format's only special value: NaN, which makes its whole block NaN
+_MXFP4_OUT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_MXFP4_CHUNK = 1 << 20  # blocks per step: bounds the intermediates (32M values: int64 codes, fp32 products)
+
+
+def _e8m0_scale(scales: torch.Tensor) -> torch.Tensor:
+    """uint8 E8M0 ``[...]`` -> fp32 ``2**(s - 127)``, built from its bits so that it is exact everywhere:
+    s >= 1 is the normal fp32 with biased exponent s (both formats use bias 127), s = 0 is 2**-127, the fp32
+    subnormal with only mantissa bit 22 set, and 0xFF is a quiet NaN."""
+    s = scales.to(torch.int32)
+    bits = torch.where(s == 0, torch.full_like(s, 1 << 22), s << 23)
+    bits = torch.where(s == E8M0_NAN, torch.full_like(s, 0x7FC00000), bits)
+    return bits.view(torch.float32)
+
+
+def mxfp4_dequant_ref(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16
+                      ) -> torch.Tensor:
+    """MXFP4 ``blocks`` and their E8M0 ``scales`` -> floats ``[..., G * 32]`` in ``dtype``.
+
+    blocks: uint8 ``[..., G, 16]``: G blocks of 32 FP4 E2M1 codes, two per byte, element ``2j`` in the low
+    nibble of byte j and element ``2j + 1`` in the high nibble (the layout of gpt-oss's checkpoints, e.g.
+    ``mlp.experts.down_proj_blocks`` ``[E, H, I/32, 16]``; transformers reads them so in
+    ``transformers/integrations/mxfp4.py``). scales: uint8 ``[..., G]``, one E8M0 byte per block (value
+    ``2**(s - 127)``, 0xFF = NaN). dtype: float16, bfloat16, float32 or float64.
+
+    Returns ``[..., G * 32]`` in ``dtype``: element ``32g + i`` = ``E2M1[code] * 2**(scales[g] - 127)``, correctly
+    rounded into ``dtype`` (formed exactly in fp32, or fp64 for a float64 result, then cast once: fp32 holds
+    every product down to 0.5 * 2**-127, and overflows only where ``dtype`` does); a NaN scale gives a NaN
+    block. No transpose: the checkpoint's own row layout (see ``from_pretrained`` for gpt-oss's). Raises
+    ``ValueError`` / ``TypeError`` naming the argument for a wrong shape or dtype.
+    """
+    if not isinstance(blocks, torch.Tensor) or blocks.dtype != torch.uint8:
+        raise TypeError(f"mxfp4_dequant_ref: blocks must be a uint8 tensor [..., G, 16], got "
+                        f"{getattr(blocks, 'dtype', type(blocks).__name__)}")
+    if not isinstance(scales, torch.Tensor) or scales.dtype != torch.uint8:
+        raise TypeError(f"mxfp4_dequant_ref: scales must be a uint8 (E8M0) tensor [..., G], got "
+                        f"{getattr(scales, 'dtype', type(scales).__name__)}")
+    if blocks.dim() < 2 or blocks.shape[-1] != MXFP4_BLOCK // 2:
+        raise ValueError(f"mxfp4_dequant_ref: blocks must be [..., G, {MXFP4_BLOCK // 2}] (32 FP4 values per "
+                         f"block, two per byte), got {list(blocks.shape)}")
+    if tuple(scales.shape) != tuple(blocks.shape[:-1]):
+        raise ValueError(f"mxfp4_dequant_ref: scales must be blocks.shape[:-1] = {list(blocks.shape[:-1])} (one "
+                         f"per block), got {list(scales.shape)}")
+    if dtype not in _MXFP4_OUT:
+        raise ValueError(f"mxfp4_dequant_ref: dtype must be one of {_MXFP4_OUT}, got {dtype}")
+    *lead, g, nb = blocks.shape
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    lut = torch.tensor(E2M1_VALUES, dtype=work, device=blocks.device)
+    flat_b, flat_s = blocks.reshape(-1, nb), scales.reshape(-1)
+    out = torch.empty(flat_b.shape[0], MXFP4_BLOCK, dtype=dtype, device=blocks.device)
+    for r0 in range(0, flat_b.shape[0], _MXFP4_CHUNK):
+        b = flat_b[r0:r0 + _MXFP4_CHUNK]
+        codes = torch.stack((b & 0x0F, b >> 4), dim=-1).reshape(b.shape[0], MXFP4_BLOCK)  # low nibble first
+        scale = _e8m0_scale(flat_s[r0:r0 + _MXFP4_CHUNK]).to(work)
+        out[r0:r0 + _MXFP4_CHUNK] = lut[codes.long()] * scale[:, None]
+    return out.reshape(*lead, g * MXFP4_BLOCK)
 
 
 def fp8_gemm_nt_ref(a, a_scales, b, b_scales, out_dtype, block: int = 128) -> torch.Tensor:
