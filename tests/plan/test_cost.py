@@ -59,3 +59,30 @@ def test_transfer_time():
     t = transfer_time(100e9, 5e9, c, comm_sms=100)
     assert t.time == t.link == pytest.approx(1.0)
     assert transfer_time(0.0, 0.0, c, 1).time == 0.0
+
+
+def test_two_stream_by_hand():
+    from moekit.plan.cost import Piece, two_stream
+
+    a = [Piece(0, 2.0), Piece(1, 3.0), Piece(0, 1.0), Piece(1, 2.0)]  # forward: attn, dispatch, experts, combine
+    b = [Piece(1, 1.0), Piece(0, 4.0), Piece(1, 2.0), Piece(0, 1.0)]  # backward: comm first
+    t = two_stream([a, b])
+    # Worked out by hand: compute [0,2] [2,6] [6,7] [8,9]; comm [0,1] [2,5] [6,8] [8,10].
+    assert t.duration == 10.0 and t.compute == 8.0 and t.comm == 8.0 and t.comm_hidden == 6.0
+    assert t.comm_spans == ((0.0, 1.0), (2.0, 5.0), (6.0, 8.0), (8.0, 10.0))
+    alone = two_stream([a])
+    assert alone.duration == 8.0 and alone.comm_hidden == 0.0
+
+
+def test_stage_costs_sum_layers():
+    from moekit.plan.cost import LayerTimes, StageCosts
+
+    lt = LayerTimes(1.0, 2.0, 1.5, 2.5, 0.5, 1.0, 0.25, 0.75, 0.25, 0.75)
+    c = StageCosts([[lt, lt]])
+    assert c.op("F", 0, False, None).duration == pytest.approx(2 * (1 + 0.25 + 2 + 0.75))
+    assert c.op("B", 0, True, None).duration == pytest.approx(2 * (0.25 + 2.5 + 0.75 + 1.5))
+    assert c.op("B", 0, False, None).duration == pytest.approx(2 * (0.25 + 3.5 + 0.75 + 2.0))
+    assert c.op("W", 0, False, None).duration == pytest.approx(3.0)
+    fb = c.op("FB", 0, False, 0)
+    assert fb.compute == pytest.approx(2 * (3 + 5.5)) and fb.comm == pytest.approx(4.0)
+    assert fb.duration < c.op("F", 0, False, None).duration + c.op("B", 0, False, None).duration

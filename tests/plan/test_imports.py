@@ -28,3 +28,12 @@ def test_schedule_package_imports_no_torch():
          "import moekit.schedule\n"
          "moekit.schedule.simulate('dualpipe', 4, 8)\n"
          "assert 'torch' not in sys.modules, [m for m in sys.modules if m.startswith('torch')]")
+
+
+def test_plan_reexports_the_schedule_model():
+    import moekit.plan as plan
+    import moekit.schedule as schedule
+
+    assert plan.simulate is schedule.simulate and plan.UniformCosts is schedule.UniformCosts
+    assert plan.bubble_formula is schedule.bubble_formula and plan.rank_orders is schedule.programs
+    assert plan.SimResult is schedule.Simulation and plan.SCHEDULES == schedule.SCHEDULES

@@ -8,7 +8,7 @@ of its V-times smaller chunk.
 
 ``simulate`` reproduces them exactly as the largest per-rank idle time when stage costs are uniform,
 point-to-point is free, ``F == B_in``, ``W <= F`` and ``max(F, B) <= F&B <= F + B``
-(tests/plan/test_plan_schedules.py); outside that regime they are approximations (they go negative
+(tests/schedule/test_simulator.py); outside that regime they are approximations (they go negative
 for a large W, for one).
 """
 

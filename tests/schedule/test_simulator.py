@@ -1,4 +1,5 @@
-"""Schedules and the simulator against the DualPipe README's bubble formulas (exact in the uniform case)."""
+"""The schedule model's programs and simulator, as the planner uses them, against the DualPipe README's
+bubble formulas (exact in the uniform case)."""
 
 from collections import Counter
 
@@ -6,8 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moekit.plan import UniformCosts, bubble_formula, rank_orders, simulate
+from moekit.schedule import UniformCosts, bubble_formula, simulate
 from moekit.schedule import placement as _placement
+from moekit.schedule import programs as rank_orders
 
 
 @pytest.mark.parametrize("schedule, p, n", [("1f1b", 1, 1), ("1f1b", 4, 3), ("1f1b", 5, 12), ("dualpipe", 2, 4),
@@ -93,30 +95,3 @@ def test_bad_schedules(schedule, p, n, match):
 def test_uniform_costs_reject_negative():
     with pytest.raises(ValueError, match="UniformCosts.w"):
         UniformCosts(1.0, 1.0, -1.0, 2.0)
-
-
-def test_two_stream_by_hand():
-    from moekit.plan.cost import Piece, two_stream
-
-    a = [Piece(0, 2.0), Piece(1, 3.0), Piece(0, 1.0), Piece(1, 2.0)]  # forward: attn, dispatch, experts, combine
-    b = [Piece(1, 1.0), Piece(0, 4.0), Piece(1, 2.0), Piece(0, 1.0)]  # backward: comm first
-    t = two_stream([a, b])
-    # Worked out by hand: compute [0,2] [2,6] [6,7] [8,9]; comm [0,1] [2,5] [6,8] [8,10].
-    assert t.duration == 10.0 and t.compute == 8.0 and t.comm == 8.0 and t.comm_hidden == 6.0
-    assert t.comm_spans == ((0.0, 1.0), (2.0, 5.0), (6.0, 8.0), (8.0, 10.0))
-    alone = two_stream([a])
-    assert alone.duration == 8.0 and alone.comm_hidden == 0.0
-
-
-def test_stage_costs_sum_layers():
-    from moekit.plan.cost import LayerTimes, StageCosts
-
-    lt = LayerTimes(1.0, 2.0, 1.5, 2.5, 0.5, 1.0, 0.25, 0.75, 0.25, 0.75)
-    c = StageCosts([[lt, lt]])
-    assert c.op("F", 0, False, None).duration == pytest.approx(2 * (1 + 0.25 + 2 + 0.75))
-    assert c.op("B", 0, True, None).duration == pytest.approx(2 * (0.25 + 2.5 + 0.75 + 1.5))
-    assert c.op("B", 0, False, None).duration == pytest.approx(2 * (0.25 + 3.5 + 0.75 + 2.0))
-    assert c.op("W", 0, False, None).duration == pytest.approx(3.0)
-    fb = c.op("FB", 0, False, 0)
-    assert fb.compute == pytest.approx(2 * (3 + 5.5)) and fb.comm == pytest.approx(4.0)
-    assert fb.duration < c.op("F", 0, False, None).duration + c.op("B", 0, False, None).duration
