@@ -16,7 +16,11 @@ from typing import Any
 
 from ..config import PRESETS, MoEConfig
 from ..schedule import SCHEDULES
-from .cluster import CLUSTER_PRESETS, RECOMPUTE, ParallelPlan, load_cluster, load_file, load_plan
+from .cluster import CLUSTER_PRESETS, RECOMPUTE, ParallelPlan, load_cluster, load_file, load_plan, yaml_loader
+from .planner import plan
+from .report import plot, render, render_search, search_to_dict, to_dict
+from .search import search
+from .sms import measured_gbps_per_sm
 
 # DeepSeek-V3's own layout (report sec. 3.2): shown beside the search's answer on its cluster.
 DEEPSEEK_V3_PLAN = dict(pp=16, ep=64, schedule="dualpipe", comm_sms=20, routing="node-limited:4",
@@ -74,10 +78,8 @@ def _scalar(field: str, v: str) -> Any:
     """A ``--set`` value, read as YAML 1.2 reads a scalar (``1e-9`` is a number)."""
     import yaml
 
-    from .cluster import _yaml_loader
-
     try:
-        out = yaml.load(v, Loader=_yaml_loader())  # noqa: S506 - a SafeLoader subclass
+        out = yaml.load(v, Loader=yaml_loader())  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError:
         raise ValueError(f"--set {field}: cannot read {v!r} as a value") from None
     if isinstance(out, (dict, list)):
@@ -134,8 +136,6 @@ def _inputs(args: argparse.Namespace):
         k, v = kv.split("=", 1)
         overrides[k] = _scalar(k, v) if v not in ("", "None", "null") else None
     if "comm_gbps_per_sm" not in overrides:
-        from .sms import measured_gbps_per_sm
-
         m = measured_gbps_per_sm(args.sm_split)
         if m is not None:
             overrides["comm_gbps_per_sm"] = m[0]
@@ -178,9 +178,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _one(args, model, cluster, given, notes) -> int:
-    from .planner import plan
-    from .report import plot, render, to_dict
-
     result = plan(model, cluster, ParallelPlan(**given))
     for n in notes:
         print(f"moekit plan: {n}", file=sys.stderr)
@@ -197,10 +194,6 @@ def _one(args, model, cluster, given, notes) -> int:
 
 
 def _search(args, model, cluster, given, notes) -> int:
-    from .planner import plan
-    from .report import plot, render, render_search, search_to_dict
-    from .search import search
-
     probe = ParallelPlan(**{k: v for k, v in given.items() if k != "dp"})  # field checks, one line each
     if "num_microbatches" in given:
         raise ValueError("--num-microbatches fixes one layout's pipeline: give --pp, --ep and --schedule with it, "

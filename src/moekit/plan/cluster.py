@@ -307,7 +307,9 @@ _YAML12_FLOAT = re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?(?:[eE][-+
     |\.(?:nan|NaN|NAN))$""", re.X)
 
 
-def _yaml_loader() -> type:
+def yaml_loader() -> type:
+    """A ``yaml.SafeLoader`` subclass that reads floats as YAML 1.2 does (``1e-9`` is a number, not a string):
+    for cluster / plan files and ``moekit plan --set`` values. PyYAML is imported on first use."""
     import yaml
 
     class Loader(yaml.SafeLoader):
@@ -349,7 +351,7 @@ def load_file(path: str | Path, what: str = "file") -> dict[str, Any]:
         import yaml
 
         try:
-            data = yaml.load(text, Loader=_yaml_loader())  # noqa: S506 - a SafeLoader subclass
+            data = yaml.load(text, Loader=yaml_loader())  # noqa: S506 - a SafeLoader subclass
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

@@ -351,8 +351,6 @@ def _item_kinds(cfg: MoEConfig, mtp_depth: int) -> list[str]:
 def prepare(model: MoEConfig | str, cluster: ClusterSpec | str, parallel: ParallelPlan,
             cache: dict | None = None) -> Prepared:
     """Check ``parallel`` and compute all but the pipeline simulation (see ``plan``)."""
-    from .cluster import load_cluster
-
     cfg = MoEConfig.preset(model) if isinstance(model, str) else model
     cl = load_cluster(cluster) if isinstance(cluster, str) else cluster
     res = parallel.resolve(cl, cfg.n_routed_experts)

@@ -233,7 +233,7 @@ def plot(r: PlanResult, out_dir: str | Path, *, eps: list[int] | None = None) ->
 
 def plot_records(records: list, path: str | Path, title: str | None = None) -> None:
     """Draw PhaseRecords with ``moekit.pipeline.plot_timeline`` when it exists, else a plain fallback."""
-    try:
+    try:  # imported here: moekit.pipeline loads the runtime, which `import moekit.plan` must not
         from ..pipeline import plot_timeline
     except ImportError:
         plot_timeline = None
