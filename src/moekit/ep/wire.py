@@ -17,6 +17,11 @@ from .errors import STATUS_INTS, Status
 STATUS_BYTES = 8 * STATUS_INTS
 
 
+def plus_status(counts: list[int]) -> list[int]:
+    """Rows per peer on the wire: each chunk's data rows plus its status row."""
+    return [c + 1 for c in counts]
+
+
 def ints_on(values: list[int], device: torch.device) -> torch.Tensor:
     """``values`` as an int64 tensor on ``device``, filled by kernels: ``torch.tensor(..., device=cuda)``
     copies from pageable host memory, which synchronises with the host (status words stay sync-free)."""

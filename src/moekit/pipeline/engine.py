@@ -122,11 +122,11 @@ class PipelineSchedule(nn.Module):
 
     def set_p2p_tensor_shapes(self, shapes) -> None:
         """Shapes of the tensors this pipeline's stages send (overrides the module-level default)."""
-        self.p2p_tensor_shapes = _p2p._normalize_shapes(shapes)
+        self.p2p_tensor_shapes = _p2p.normalize_shapes(shapes)
 
     def set_p2p_tensor_dtype(self, dtype: torch.dtype) -> None:
         """Dtype of the tensors this pipeline's stages send (overrides the module-level default)."""
-        self.p2p_tensor_dtype = _p2p._normalize_dtype(dtype)
+        self.p2p_tensor_dtype = _p2p.normalize_dtype(dtype)
 
     def links(self, module: int) -> StageLinks:
         return self.graph[(self.rank, module)]

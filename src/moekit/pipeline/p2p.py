@@ -36,16 +36,16 @@ def set_p2p_tensor_shapes(shapes) -> None:
     micro-batch's stage output must be exactly these tensors: ``[micro_batch, ...]`` shapes.
     """
     global _default_shapes
-    _default_shapes = _normalize_shapes(shapes)
+    _default_shapes = normalize_shapes(shapes)
 
 
 def set_p2p_tensor_dtype(dtype: torch.dtype) -> None:
     """Set the default dtype of the tensors sent between stages (activations and their gradients)."""
     global _default_dtype
-    _default_dtype = _normalize_dtype(dtype)
+    _default_dtype = normalize_dtype(dtype)
 
 
-def _normalize_shapes(shapes) -> list[tuple[int, ...]]:
+def normalize_shapes(shapes) -> list[tuple[int, ...]]:
     if isinstance(shapes, torch.Size) or (isinstance(shapes, (tuple, list)) and shapes
                                           and all(isinstance(d, int) for d in shapes)):
         raise TypeError(f"shapes must be a list of shapes (one per tensor a stage sends), got {shapes!r}; "
@@ -61,7 +61,7 @@ def _normalize_shapes(shapes) -> list[tuple[int, ...]]:
     return out
 
 
-def _normalize_dtype(dtype) -> torch.dtype:
+def normalize_dtype(dtype) -> torch.dtype:
     if not isinstance(dtype, torch.dtype):
         raise TypeError(f"dtype must be a torch.dtype, got {dtype!r}")
     return dtype

@@ -21,12 +21,9 @@ from .. import wire
 from ..errors import first_failure, raise_status
 from ..handle import DispatchHandle
 from ..stats import Traffic, traffic_by_peer, traffic_two_stage
+from ..wire import plus_status
 from .base import Rows, Transfer, Transport
 from .torch_dist import Comm
-
-
-def _plus1(counts: list[int]) -> list[int]:
-    return [c + 1 for c in counts]  # + the status row of each chunk
 
 
 def _waiter(work) -> Callable[[], None] | None:
@@ -70,14 +67,15 @@ class RowEngine(Transport):
         h, (fmt, fields, status) = plan, rows
         if h.hier is None:
             send = wire.pack(fmt, fields, h.send_counts, status, row_index=h.send_token)
-            recv, work = self.comm.all_to_all_rows(send, _plus1(h.send_counts), _plus1(h.recv_counts), async_op)
+            recv, work = self.comm.all_to_all_rows(send, plus_status(h.send_counts), plus_status(h.recv_counts),
+                                                   async_op)
             return Transfer(self._flat_traffic(h.send_counts, fmt.row_bytes), arrive=_waiter(work),
                             check=self._checker(op, recv, h.recv_counts),
                             unpack=lambda: wire.unpack(fmt, recv, h.recv_counts, out=out))
         p = h.hier
         # Stage 1: one row per (token, destination node), to the rank with my local index there.
         send1 = wire.pack(fmt, fields, p.s1_send_counts, status, row_index=p.s1_send_token)
-        recv1, _ = self.inter.all_to_all_rows(send1, _plus1(p.s1_send_counts), _plus1(p.s1_recv_counts))
+        recv1, _ = self.inter.all_to_all_rows(send1, plus_status(p.s1_send_counts), plus_status(p.s1_recv_counts))
         if p.s2_send_row is None:
             assert stage2_rows is not None, "the first dispatch of a handle must carry topk_idx"
             _, data_pos = wire.positions(p.s1_recv_counts, recv1.device)
@@ -85,7 +83,7 @@ class RowEngine(Transport):
         # Stage 2: forward the received rows, bytes untouched, to the ranks of this node that need them.
         merged = wire.merged_status(recv1, p.s1_recv_counts, status)
         send2 = wire.forward_rows(recv1, p.s1_recv_counts, p.s2_send_counts, p.s2_send_row, merged)
-        recv2, work = self.intra.all_to_all_rows(send2, _plus1(p.s2_send_counts), _plus1(p.s2_recv_counts),
+        recv2, work = self.intra.all_to_all_rows(send2, plus_status(p.s2_send_counts), plus_status(p.s2_recv_counts),
                                                  async_op)
         return Transfer(self._hier_traffic(p.s1_send_counts, p.s2_send_counts, fmt.row_bytes),
                         arrive=_waiter(work), check=self._checker(op, recv2, p.s2_recv_counts),
@@ -97,14 +95,15 @@ class RowEngine(Transport):
         t = h.num_tokens
         if h.hier is None:
             send = wire.pack(fmt, fields, h.recv_counts, status)
-            recv, work = self.comm.all_to_all_rows(send, _plus1(h.recv_counts), _plus1(h.send_counts), async_op)
+            recv, work = self.comm.all_to_all_rows(send, plus_status(h.recv_counts), plus_status(h.send_counts),
+                                                   async_op)
             return Transfer(self._flat_traffic(h.recv_counts, fmt.row_bytes), arrive=_waiter(work),
                             check=self._checker(op, recv, h.send_counts),
                             unpack=lambda: wire.sum_rows(fmt, recv, h.send_counts, h.send_token, t))
         p = h.hier
         # Stage A (mirror of stage 2): rows go back to their forwarder, in the order it sent them.
         send_a = wire.pack(fmt, fields, p.s2_recv_counts, status, row_index=p.final_inverse)
-        recv_a, _ = self.intra.all_to_all_rows(send_a, _plus1(p.s2_recv_counts), _plus1(p.s2_send_counts))
+        recv_a, _ = self.intra.all_to_all_rows(send_a, plus_status(p.s2_recv_counts), plus_status(p.s2_send_counts))
         merged = wire.merged_status(recv_a, p.s2_send_counts, status)
         # The forwarder sums the rows of one token from its node: one row per (token, node) crosses back.
         m1 = sum(p.s1_recv_counts)
@@ -112,7 +111,7 @@ class RowEngine(Transport):
         wire_dtypes = {f.name: f.dtype for f in fmt.fields}
         partial = {k: v.to(wire_dtypes[k]) for k, v in partial.items()}
         send_b = wire.pack(fmt, partial, p.s1_recv_counts, merged)
-        recv_b, work = self.inter.all_to_all_rows(send_b, _plus1(p.s1_recv_counts), _plus1(p.s1_send_counts),
+        recv_b, work = self.inter.all_to_all_rows(send_b, plus_status(p.s1_recv_counts), plus_status(p.s1_send_counts),
                                                   async_op)
         return Transfer(self._hier_traffic(p.s1_recv_counts, p.s2_recv_counts, fmt.row_bytes),
                         arrive=_waiter(work), check=self._checker(op, recv_b, p.s1_send_counts),

@@ -35,8 +35,9 @@ from ..errors import Code, PeerTimeout, Status, first_failure, raise_status
 from ..handle import DispatchHandle
 from ..heap import Heap
 from ..stats import Traffic
+from ..wire import plus_status
 from .base import Rows, Transfer
-from .collective import RowEngine, _plus1
+from .collective import RowEngine
 from .torch_dist import Comm
 
 DEFAULT_HEAP_BYTES = 32 << 20
@@ -281,7 +282,7 @@ class SymmetricTransport(RowEngine):
         def gather(area, slot_rows):
             data_pos = chunk_rows(area, slot_rows, recv_counts, first=1)  # after each chunk's status row
             return {"_status": self._statuses(area, slot_rows), **wire.select_rows(fmt, area, data_pos, out)}
-        landing = self.channel.start(op, table, self._plan(h)["dispatch_idx"], _plus1(h.send_counts), gather)
+        landing = self.channel.start(op, table, self._plan(h)["dispatch_idx"], plus_status(h.send_counts), gather)
         return self._transfer(op, landing, self._flat_traffic(h.send_counts, fmt.row_bytes))
 
     def combine(self, op: str, plan: DispatchHandle, rows: Rows, *, async_op: bool = False) -> Transfer:
@@ -306,5 +307,5 @@ class SymmetricTransport(RowEngine):
             for name, v in fmt.views(area).items():
                 got[name] = kcomm.combine_rows(v, pos, slot_rows, self.num_sms)
             return got
-        landing = self.channel.start(op, table, idx, _plus1(h.recv_counts), gather)
+        landing = self.channel.start(op, table, idx, plus_status(h.recv_counts), gather)
         return self._transfer(op, landing, self._flat_traffic(h.recv_counts, fmt.row_bytes))
