@@ -37,6 +37,7 @@ class Heap:
     keep: tuple = ()
     guard_bytes: int = 0  # virtual heaps only: GUARD-filled bytes on each side of ``buffer``
     outer: torch.Tensor | None = None  # the allocation holding the guards and the buffer
+    peers: list | None = None  # [R] uint8 tensors: every rank's heap mapped here (CPU heaps; None on GPUs)
 
     @property
     def nbytes(self) -> int:
@@ -69,7 +70,7 @@ def virtual_heaps(world_size: int, nbytes: int, device: torch.device | str = "cp
     for b in bufs:
         b.zero_()
     ptrs = torch.tensor([b.data_ptr() for b in bufs], dtype=torch.int64, device=device)
-    return [Heap("virtual", r, world_size, b, ptrs, (outers,), g, o) for r, (b, o) in enumerate(zip(bufs, outers))]
+    return [Heap("virtual", r, world_size, b, ptrs, (outers,), g, o, bufs) for r, (b, o) in enumerate(zip(bufs, outers))]
 
 
 def shm_heap(comm, nbytes: int) -> Heap:
@@ -96,7 +97,7 @@ def shm_heap(comm, nbytes: int) -> Heap:
     comm.exchange_fixed(torch.zeros(r, 1, dtype=torch.int64))  # every rank has mapped every file
     os.unlink(paths[me])
     ptrs = torch.tensor([b.data_ptr() for b in bufs], dtype=torch.int64)
-    return Heap("shm", me, r, bufs[me], ptrs, (bufs,))
+    return Heap("shm", me, r, bufs[me], ptrs, (bufs,), peers=bufs)
 
 
 def torch_symmetric_heap(group, nbytes: int, device: torch.device) -> Heap:

@@ -65,18 +65,49 @@ class Landing:
         self.arrive()
 
 
+EXECUTORS = ("auto", "native", "triton")
+
+
+def choose_executor(heap: Heap, executor: str = "auto") -> tuple[str, str]:
+    """``(executor, why)``: who runs the protocol's steps on ``heap``. ``"native"`` (worker threads, torch
+    copies, libatomic flags: :mod:`moekit.kernels.comm_native`) where the heap is in host memory and mapped
+    here (``Heap.peers``); ``"triton"`` (the kernels of :mod:`moekit.kernels.comm`: compiled on GPUs, Triton's
+    interpreter on the CPU) otherwise. ``MOEKIT_COMM_EXECUTOR=triton|native`` overrides ``"auto"``."""
+    import os
+
+    from ...kernels import atomics
+
+    if executor not in EXECUTORS:
+        raise ValueError(f"executor must be one of {EXECUTORS}, got {executor!r}")
+    if executor == "auto":
+        executor = os.environ.get("MOEKIT_COMM_EXECUTOR", "auto") or "auto"
+        if executor not in EXECUTORS:
+            raise ValueError(f"MOEKIT_COMM_EXECUTOR must be one of {EXECUTORS[1:]}, got {executor!r}")
+    host = heap.peers is not None and heap.buffer.device.type == "cpu"
+    ok, why = atomics.available()
+    if executor == "auto":
+        if host and ok:
+            return "native", f"CPU heap: {why}"
+        return "triton", "Triton kernels" + ("" if host else " (device heap)") + ("" if ok else f" ({why})")
+    if executor == "native" and not (host and ok):
+        raise ValueError(f"executor='native' needs a CPU heap mapped in this process and libatomic: "
+                         f"heap kind {heap.kind!r} on {heap.buffer.device}; {why}")
+    return executor, "chosen explicitly"
+
+
 class Channel:
     """One rank's end of the heap protocol (see the module docstring).
 
     Args:
         heap: this rank's :class:`~moekit.ep.heap.Heap`.
-        num_programs: K, the grid of every push (``num_sms``).
+        num_programs: K, the grid of every push (``num_sms``): Triton programs, or native worker threads.
         timeout: seconds a wait for the peers may take before :class:`~moekit.ep.errors.PeerTimeout`.
         group_ranks: the group rank of each heap rank (for error messages); default ``range(R)``.
+        executor: ``"auto"`` | ``"native"`` | ``"triton"`` (:func:`choose_executor`).
     """
 
     def __init__(self, heap: Heap, num_programs: int, timeout: float = DEFAULT_TIMEOUT_S,
-                 group_ranks: list[int] | None = None):
+                 group_ranks: list[int] | None = None, executor: str = "auto"):
         r, k = heap.world_size, num_programs
         self.heap, self.rank, self.world_size, self.num_programs, self.timeout = heap, heap.rank, r, k, timeout
         self.group_ranks = list(range(r)) if group_ranks is None else list(group_ranks)
@@ -89,6 +120,29 @@ class Channel:
         self.seq = 0
         self._pending: Landing | None = None
         self._polls = 1 if platform.triton_interpreted() else 1 << 14  # per launch; the host loop bounds the rest
+        self.executor_name, self.executor_why = choose_executor(heap, executor)
+        self.native = None
+        if self.executor_name == "native":
+            from ...kernels.comm_native import NativeExecutor
+
+            self.native = NativeExecutor(heap.peers, k)
+
+    @property
+    def last_workers(self) -> int | None:
+        """Native executor: how many worker threads ran the last push (== K); None for the Triton kernels."""
+        return None if self.native is None else self.native.last_workers
+
+    def notify(self, is_token_in_rank: torch.Tensor) -> torch.Tensor:
+        """``pos [T, R] int32``: each (token, rank) pair's row in that rank's chunk (:func:`kcomm.notify`)."""
+        if self.native is not None:
+            return self.native.notify(is_token_in_rank)[0]
+        return kcomm.notify(is_token_in_rank, self.num_programs)[0]
+
+    def combine_rows(self, rows: torch.Tensor, pos: torch.Tensor, slot_rows: int) -> torch.Tensor:
+        """The rows of each token summed in rank order, float32 (:func:`kcomm.combine_rows`)."""
+        if self.native is not None:
+            return self.native.combine_rows(rows, pos, slot_rows)
+        return kcomm.combine_rows(rows, pos, slot_rows, self.num_programs)
 
     def slot_rows(self, row_bytes: int) -> int:
         return self.area_bytes // self.world_size // row_bytes
@@ -120,11 +174,14 @@ class Channel:
                         self.group_ranks[worst])
             src[0, :wire.STATUS_BYTES].view(torch.int64).copy_(wire.ints_on(st.ints(), src.device))
             idx, counts = torch.zeros(r, dtype=torch.int64, device=src.device), [1] * r
-        off = torch.tensor([0] + counts, dtype=torch.int64).cumsum(0).to(self.heap.ptrs.device)
-        dst = (self.data_off + parity * self.area_bytes + self.rank * cap * rb) // 4
+        dst = self.data_off + parity * self.area_bytes + self.rank * cap * rb
         flag = (parity * r + self.rank) * self.num_programs
-        kcomm.push_rows(self.heap.ptrs, src.contiguous().view(torch.int32), idx, off, dst, flag, self.seq,
-                        self.num_programs)
+        if self.native is not None:
+            self.native.push_rows(src.contiguous(), idx, list(counts), dst, flag, self.seq, self.rank)
+        else:
+            off = torch.tensor([0] + counts, dtype=torch.int64).cumsum(0).to(self.heap.ptrs.device)
+            kcomm.push_rows(self.heap.ptrs, src.contiguous().view(torch.int32), idx, off, dst // 4, flag, self.seq,
+                            self.num_programs)
         landing = Landing(self, op, self.seq, parity, rb, gather)
         self._pending = landing
         return landing
@@ -133,19 +190,28 @@ class Channel:
         """Block until every peer's flags of ``landing`` are set; PeerTimeout names the ranks missing."""
         if self._pending is landing:
             self._pending = None
-        flags = self.flags[landing.parity].flatten()
+        flags = self.flags[landing.parity]
         deadline = time.monotonic() + self.timeout
-        pause = 1e-4
+        pause, spins = 1e-4, 0
+        ready = [False] * self.world_size
         while True:
-            ready = kcomm.wait_flags(flags, landing.seq, self._polls).view(self.world_size, -1).all(1).tolist()
+            if self.native is not None:  # acquire loads, no tensor read back
+                ready = self.native.ready(flags, landing.seq, ready)
+            else:
+                ready = kcomm.wait_flags(flags.flatten(), landing.seq, self._polls).view(self.world_size, -1) \
+                    .all(1).tolist()
             if all(ready):
                 return
             if time.monotonic() > deadline:
                 missing = [self.group_ranks[s] for s, ok in enumerate(ready) if not ok]
                 raise PeerTimeout(f"moekit.Buffer.{landing.op}", missing, self.timeout,
                                   "symmetric transport: flags never set")
+            spins += 1
+            if self.native is not None and spins < 200:
+                time.sleep(0)  # yield: a native peer is usually microseconds away
+                continue
             time.sleep(pause)
-            pause = min(pause * 2, 0.01)
+            pause = min(pause * 2, 0.01 if self.native is None else 1e-3)
 
 
 def chunk_rows(area: torch.Tensor, slot_rows: int, counts: list[int], first: int = 0) -> torch.Tensor:
@@ -240,7 +306,7 @@ class SymmetricTransport(RowEngine):
         if plan is None:
             device = h.send_token.device
             # notify: each (token, rank) pair's row in that rank's chunk, on the device.
-            pos, _ = kcomm.notify(h.is_token_in_rank.to(device), self.num_sms)
+            pos = self.channel.notify(h.is_token_in_rank.to(device))
             # Push order of a dispatch: for each rank d, the status row (row T of the table) then d's tokens.
             status_pos, data_pos = wire.positions(h.send_counts, device)
             idx = torch.empty(len(h.send_token) + self.world_size, dtype=torch.int64, device=device)
@@ -305,7 +371,7 @@ class SymmetricTransport(RowEngine):
                 # A failing (too big) exchange: the rows are not there; the status raises.
                 return {**got, **{f.name: torch.zeros(h.num_tokens, f.width, device=device) for f in fmt.fields}}
             for name, v in fmt.views(area).items():
-                got[name] = kcomm.combine_rows(v, pos, slot_rows, self.num_sms)
+                got[name] = self.channel.combine_rows(v, pos, slot_rows)
             return got
         landing = self.channel.start(op, table, idx, plus_status(h.recv_counts), gather)
         return self._transfer(op, landing, self._flat_traffic(h.recv_counts, fmt.row_bytes))
