@@ -38,6 +38,7 @@ class Heap:
     guard_bytes: int = 0  # virtual heaps only: GUARD-filled bytes on each side of ``buffer``
     outer: torch.Tensor | None = None  # the allocation holding the guards and the buffer
     peers: list | None = None  # [R] uint8 tensors: every rank's heap mapped here (CPU heaps; None on GPUs)
+    pids: tuple | None = None  # shm heaps: each rank's process id (a waiter tells a dead peer from a slow one)
 
     @property
     def nbytes(self) -> int:
@@ -92,12 +93,12 @@ def shm_heap(comm, nbytes: int) -> Heap:
     paths = [f"/dev/shm/{name}-{d}" for d in range(r)]
     with open(paths[me], "wb") as f:
         f.truncate(nbytes)
-    comm.exchange_fixed(torch.zeros(r, 1, dtype=torch.int64))  # every file exists
+    pids = comm.exchange_fixed(torch.full((r, 1), os.getpid(), dtype=torch.int64))[:, 0].tolist()  # every file exists
     bufs = [torch.from_file(p, shared=True, size=nbytes, dtype=torch.uint8) for p in paths]
     comm.exchange_fixed(torch.zeros(r, 1, dtype=torch.int64))  # every rank has mapped every file
     os.unlink(paths[me])
     ptrs = torch.tensor([b.data_ptr() for b in bufs], dtype=torch.int64)
-    return Heap("shm", me, r, bufs[me], ptrs, (bufs,), peers=bufs)
+    return Heap("shm", me, r, bufs[me], ptrs, (bufs,), peers=bufs, pids=tuple(pids))
 
 
 def torch_symmetric_heap(group, nbytes: int, device: torch.device) -> Heap:

@@ -26,7 +26,7 @@ import threading
 import torch
 
 from . import atomics
-from .comm import combine_rows_reference, notify_reference
+from .comm import notify_reference
 
 
 class NativeExecutor:
@@ -126,4 +126,14 @@ class NativeExecutor:
         return notify_reference(is_token_in_rank)
 
     def combine_rows(self, rows: torch.Tensor, pos: torch.Tensor, slot_rows: int) -> torch.Tensor:
-        return combine_rows_reference(rows, pos, slot_rows)
+        """:func:`moekit.kernels.comm.combine_rows`: chunk d's rows are contiguous in slot d and belong to the
+        tokens with ``pos[:, d] >= 0`` in token order, so each chunk is added with one ``index_add_`` in rank
+        order d = 0, 1, ... (for every token the same float32 additions in the same order as the reference)."""
+        t, r = pos.shape
+        out = torch.zeros(t, rows.shape[1], dtype=torch.float32, device=rows.device)
+        for d in range(r):
+            toks = (pos[:, d] >= 0).nonzero().squeeze(1)
+            n = toks.numel()
+            if n:
+                out.index_add_(0, toks, rows[d * slot_rows + 1:d * slot_rows + 1 + n].float())
+        return out

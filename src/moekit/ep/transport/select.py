@@ -42,15 +42,15 @@ def make_transport(kind: str, comm: Comm, node_layout: NodeLayout, node_groups=N
                    timeout: float | None = None) -> Transport:
     """The Transport of a Buffer. ``kind``: one of :data:`TRANSPORTS` (see ``Buffer``'s docstring).
 
-    ``"auto"`` takes the symmetric transport on a GPU where PyTorch symmetric memory is available, the group
-    has several ranks and the path's symmetric stage lies inside one node; else the collective one. On the
-    CPU ``auto`` is always collective (the shared-memory heap runs the kernels in Triton's interpreter: for
-    tests, chosen explicitly). ``MOEKIT_TRANSPORT=collective`` makes ``auto`` collective everywhere,
+    ``"auto"`` takes the symmetric transport where a heap can serve (PyTorch symmetric memory on GPUs, POSIX
+    shared memory between the CPU processes of a node, run by the native executor), the group has several
+    ranks and the path's symmetric stage lies inside one node (the two-stage path: its intra-node stage);
+    else the collective one. ``MOEKIT_TRANSPORT=collective`` makes ``auto`` collective everywhere,
     ``MOEKIT_TRANSPORT=symmetric`` symmetric wherever a heap can serve (the CPU included).
     Collective over the group (over each node for the heap) when the result is symmetric; a one-rank
     group gets a heap of its own (no torch.distributed needed).
     """
-    from .symmetric import DEFAULT_HEAP_BYTES, DEFAULT_TIMEOUT_S, SymmetricTransport
+    from .symmetric import DEFAULT_HEAP_BYTES, DEFAULT_SHM_HEAP_BYTES, DEFAULT_TIMEOUT_S, SymmetricTransport
 
     if kind not in TRANSPORTS:  # (an explicit "auto" is resolved below)
         raise ValueError(f"transport must be one of {TRANSPORTS}, got {kind!r}")
@@ -61,7 +61,7 @@ def make_transport(kind: str, comm: Comm, node_layout: NodeLayout, node_groups=N
         prefer = os.environ.get("MOEKIT_TRANSPORT", "")
         if prefer == "collective" or not ok:
             kind = "collective"
-        elif prefer != "symmetric" and (device.type == "cpu" or comm.size == 1 or not dist.is_initialized()):
+        elif prefer != "symmetric" and (comm.size == 1 or not dist.is_initialized()):
             kind = "collective"
         else:
             kind = "symmetric"
@@ -70,7 +70,8 @@ def make_transport(kind: str, comm: Comm, node_layout: NodeLayout, node_groups=N
     if not ok:
         raise ValueError(f"transport='symmetric' is not available here: {why}")
     check_positive_int("heap_bytes", heap_bytes, none_ok=True, minimum=heapmod.MIN_BYTES)
-    heap_bytes = DEFAULT_HEAP_BYTES if heap_bytes is None else heap_bytes
+    if heap_bytes is None:  # a CPU heap is a sparse /dev/shm file: memory is used only where rows land
+        heap_bytes = DEFAULT_SHM_HEAP_BYTES if device.type == "cpu" and comm.size > 1 else DEFAULT_HEAP_BYTES
     _check_agree(comm, heap_bytes, num_sms, device)
     if comm.size == 1:
         return SymmetricTransport(comm, node_layout, heapmod.virtual_heaps(1, heap_bytes, device)[0], num_sms=num_sms,

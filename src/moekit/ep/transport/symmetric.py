@@ -20,6 +20,7 @@ bounds and the next exchange works.
 
 from __future__ import annotations
 
+import os
 import time
 import weakref
 from collections.abc import Callable
@@ -41,6 +42,7 @@ from .collective import RowEngine
 from .torch_dist import Comm
 
 DEFAULT_HEAP_BYTES = 32 << 20
+DEFAULT_SHM_HEAP_BYTES = 1 << 30  # sparse: pages exist only where rows have landed
 DEFAULT_TIMEOUT_S = 300.0
 
 
@@ -107,7 +109,7 @@ class Channel:
     """
 
     def __init__(self, heap: Heap, num_programs: int, timeout: float = DEFAULT_TIMEOUT_S,
-                 group_ranks: list[int] | None = None, executor: str = "auto"):
+                 group_ranks: list[int] | None = None, executor: str = "auto", on_fail=None):
         r, k = heap.world_size, num_programs
         self.heap, self.rank, self.world_size, self.num_programs, self.timeout = heap, heap.rank, r, k, timeout
         self.group_ranks = list(range(r)) if group_ranks is None else list(group_ranks)
@@ -120,6 +122,7 @@ class Channel:
         self.seq = 0
         self._pending: Landing | None = None
         self._polls = 1 if platform.triton_interpreted() else 1 << 14  # per launch; the host loop bounds the rest
+        self.on_fail = on_fail  # called with the error of a wait that ran out (Comm.on_fail); may raise
         self.executor_name, self.executor_why = choose_executor(heap, executor)
         self.native = None
         if self.executor_name == "native":
@@ -186,6 +189,22 @@ class Channel:
         self._pending = landing
         return landing
 
+    def _dead(self, ready: list[bool]) -> list[int]:
+        """Group ranks of the not-ready peers whose process is gone (shm heaps record each rank's pid)."""
+        pids = self.heap.pids
+        if pids is None:
+            return []
+        gone = []
+        for s, ok in enumerate(ready):
+            if not ok and s != self.rank:
+                try:
+                    os.kill(int(pids[s]), 0)
+                except ProcessLookupError:
+                    gone.append(self.group_ranks[s])
+                except PermissionError:  # alive, another user's
+                    pass
+        return gone
+
     def wait(self, landing: Landing) -> None:
         """Block until every peer's flags of ``landing`` are set; PeerTimeout names the ranks missing."""
         if self._pending is landing:
@@ -202,10 +221,16 @@ class Channel:
                     .all(1).tolist()
             if all(ready):
                 return
-            if time.monotonic() > deadline:
+            gone = self._dead(ready) if spins % 64 == 63 else []
+            if gone and self.on_fail is not None:  # a peer's process has exited: no need to wait it out
+                self.on_fail(ConnectionError(f"Connection closed by peer: the process of rank(s) {gone} exited"))
+            if time.monotonic() > deadline or gone:
                 missing = [self.group_ranks[s] for s, ok in enumerate(ready) if not ok]
-                raise PeerTimeout(f"moekit.Buffer.{landing.op}", missing, self.timeout,
+                err = PeerTimeout(f"moekit.Buffer.{landing.op}", missing, self.timeout,
                                   "symmetric transport: flags never set")
+                if self.on_fail is not None:  # the Buffer's watch: names who did not arrive, marks it broken
+                    self.on_fail(TimeoutError(f"timed out: symmetric heap flags of rank(s) {missing} never set"))
+                raise err
             spins += 1
             if self.native is not None and spins < 200:
                 time.sleep(0)  # yield: a native peer is usually microseconds away
@@ -249,12 +274,15 @@ class SymmetricComm:
         return self.start(send, send_rows, recv_rows).arrive()["rows"], None
 
     def exchange_fixed(self, msg: torch.Tensor) -> torch.Tensor:
-        assert msg.shape[0] == self.size and msg.dtype == torch.int64
-        w = msg.shape[1]
-        rb = round_up(8 * w, 8)
-        recv, _ = self.all_to_all_rows(msg.contiguous().view(torch.uint8).view(self.size, rb), [1] * self.size,
-                                       [1] * self.size)
-        return recv.view(torch.int64).view(self.size, w)
+        """As ``Comm.exchange_fixed``: row ``p`` of ``msg`` [R, W] (any dtype) to rank ``p``."""
+        assert msg.shape[0] == self.size and msg.dim() == 2
+        raw = msg.contiguous().view(torch.uint8).view(self.size, -1)
+        nb = raw.shape[1]
+        rb = max(round_up(nb, 8), wire.STATUS_BYTES)  # a row of the heap holds at least a status word
+        if rb != nb:
+            raw = torch.cat([raw, raw.new_zeros(self.size, rb - nb)], 1)
+        recv, _ = self.all_to_all_rows(raw, [1] * self.size, [1] * self.size)
+        return recv[:, :nb].contiguous().view(msg.dtype).view(self.size, msg.shape[1])
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         flat = t.reshape(1, -1).to(torch.int64) if t.dtype != torch.int64 else t.reshape(1, -1)
@@ -287,7 +315,7 @@ class SymmetricTransport(RowEngine):
             node = node_layout.node_of(me)
             ranks = [node_layout.rank_of(node, l) for l in range(node_layout.ranks_per_node)]
         self.heap = heap
-        self.channel = Channel(heap, num_sms, timeout, ranks)
+        self.channel = Channel(heap, num_sms, timeout, ranks, on_fail=comm.on_fail)
         sym = SymmetricComm(self.channel, group=comm.group if node_groups is None else node_groups.intra)
         if node_groups is None:
             super().__init__(sym, node_layout)
