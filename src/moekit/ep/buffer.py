@@ -150,6 +150,12 @@ class Buffer:
         return self.node_layout
 
     @property
+    def transport_channel(self):
+        """The symmetric transport's heap :class:`~moekit.ep.transport.symmetric.Channel` (its executor, K,
+        ``last_workers``), or None on the collective transport."""
+        return getattr(self._engine, "channel", None)
+
+    @property
     def _ll_host_checks(self) -> bool:
         return self._low_latency.host_checks
 
