@@ -117,3 +117,54 @@ def test_executor_argument_is_checked():
         choose_executor(h, "cuda")
     assert choose_executor(h, "triton")[0] == "triton"
     assert choose_executor(h)[0] == "native"
+
+
+def _heap_rank(rank, world, shm_dir):
+    from moekit.ep.heap import shm_heap
+    from moekit.ep.transport import Comm
+
+    heap = shm_heap(Comm(None, world, rank, timeout=2.0), 1 << 16, shm_dir)
+    return heap.pids
+
+
+def test_heap_segments_mode_0600_and_never_left(tmp_path):
+    import os
+    import stat
+
+    from moekit.ep.heap import sweep_stale_segments
+
+    d = str(tmp_path)
+    pids = spawn(_heap_rank, 2, d, timeout=60)
+    assert len(set(pids[0])) == 2 and os.listdir(d) == []  # unlinked once every rank mapped them
+    # A stale segment of a dead process (a job killed while creating its heap) and a live one.
+    dead = os.path.join(d, f"moekit-{os.getuid()}-abc-0-999999999")
+    live = os.path.join(d, f"moekit-{os.getuid()}-abc-1-{os.getpid()}")
+    for p in (dead, live):
+        fd = os.open(p, os.O_CREAT | os.O_RDWR, 0o600)
+        os.close(fd)
+    assert sweep_stale_segments(d) == [dead] and os.listdir(d) == [os.path.basename(live)]
+    assert stat.S_IMODE(os.stat(live).st_mode) == 0o600
+    os.unlink(live)
+
+
+def test_heap_created_owner_only(tmp_path, monkeypatch):
+    import os
+    import stat
+
+    from moekit.ep import heap as heapmod
+
+    seen = []
+    real = torch.from_file
+
+    def spy(path, *a, **k):
+        seen.append(stat.S_IMODE(os.stat(path).st_mode))
+        return real(path, *a, **k)
+    monkeypatch.setattr(torch, "from_file", spy)
+
+    class One:
+        size, rank = 1, 0
+
+        def exchange_fixed(self, msg):
+            return msg.clone()
+    heapmod.shm_heap(One(), 1 << 16, str(tmp_path))
+    assert seen == [0o600] and os.listdir(tmp_path) == []

@@ -71,32 +71,83 @@ def virtual_heaps(world_size: int, nbytes: int, device: torch.device | str = "cp
     for b in bufs:
         b.zero_()
     ptrs = torch.tensor([b.data_ptr() for b in bufs], dtype=torch.int64, device=device)
-    return [Heap("virtual", r, world_size, b, ptrs, (outers,), g, o, bufs) for r, (b, o) in enumerate(zip(bufs, outers))]
+    return [Heap("virtual", r, world_size, b, ptrs, (outers,), g, o, bufs)
+            for r, (b, o) in enumerate(zip(bufs, outers))]
 
 
-def shm_heap(comm, nbytes: int) -> Heap:
+SHM_DIR = "/dev/shm"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def sweep_stale_segments(shm_dir: str = SHM_DIR) -> list[str]:
+    """Remove this user's heap segments whose creating process is gone (a job killed between creating and
+    mapping its heap); returns the paths removed. Called by every :func:`shm_heap` before it creates one."""
+    prefix = f"moekit-{os.getuid()}-"
+    removed = []
+    try:
+        names = os.listdir(shm_dir)
+    except OSError:
+        return removed
+    for name in names:
+        if not name.startswith(prefix):
+            continue
+        try:
+            pid = int(name.rsplit("-", 1)[1])
+        except ValueError:
+            continue
+        if not _alive(pid):
+            try:
+                os.unlink(os.path.join(shm_dir, name))
+                removed.append(os.path.join(shm_dir, name))
+            except OSError:
+                pass
+    return removed
+
+
+def shm_heap(comm, nbytes: int, shm_dir: str = SHM_DIR) -> Heap:
     """A heap in POSIX shared memory over the CPU processes of ``comm`` (a ``Comm``; collective).
 
-    Each rank creates ``/dev/shm/moekit-<token>-<rank>`` (the token from rank 0), maps every rank's file
-    with ``torch.from_file(shared=True)``, and after a second exchange (all mapped) removes its own name:
-    the mappings stay valid and nothing is left in ``/dev/shm`` when a process dies. Every rank must pass
-    the same ``nbytes`` (checked by the transport).
+    Each rank creates ``/dev/shm/moekit-<uid>-<token>-<rank>-<pid>`` (the token from rank 0; mode 0600, a
+    sparse file: memory is used only where rows land), maps every rank's file with
+    ``torch.from_file(shared=True)``, and after a second exchange (all mapped) removes its own name: the
+    mappings stay valid and nothing is left in ``/dev/shm`` when a process exits, raises or is killed. A
+    job killed inside that window leaves segments named by a dead pid: the next heap of the same user
+    removes them (:func:`sweep_stale_segments`). Every rank must pass the same ``nbytes`` (checked by the
+    transport).
     """
     _check_nbytes(nbytes)
     r, me = comm.size, comm.rank
-    token = torch.zeros(r, 2, dtype=torch.int64)
+    sweep_stale_segments(shm_dir)
+    token = torch.zeros(r, 3, dtype=torch.int64)
     if me == 0:
         u = uuid.uuid4().int
         token[:, 0], token[:, 1] = u & ((1 << 62) - 1), (u >> 62) & ((1 << 62) - 1)
-    got = comm.exchange_fixed(token)[0].tolist()  # row 0 came from rank 0
-    name = f"moekit-{got[0]:x}{got[1]:x}"
-    paths = [f"/dev/shm/{name}-{d}" for d in range(r)]
-    with open(paths[me], "wb") as f:
-        f.truncate(nbytes)
-    pids = comm.exchange_fixed(torch.full((r, 1), os.getpid(), dtype=torch.int64))[:, 0].tolist()  # every file exists
-    bufs = [torch.from_file(p, shared=True, size=nbytes, dtype=torch.uint8) for p in paths]
-    comm.exchange_fixed(torch.zeros(r, 1, dtype=torch.int64))  # every rank has mapped every file
-    os.unlink(paths[me])
+    token[:, 2] = os.getpid()
+    got = comm.exchange_fixed(token)  # row s came from rank s
+    pids = got[:, 2].tolist()
+    lo, hi = got[0, :2].tolist()  # rank 0's token
+    name = f"moekit-{os.getuid()}-{lo:x}{hi:x}"
+    paths = [os.path.join(shm_dir, f"{name}-{d}-{pids[d]}") for d in range(r)]
+    fd = os.open(paths[me], os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    try:
+        try:
+            os.ftruncate(fd, nbytes)
+        finally:
+            os.close(fd)
+        comm.exchange_fixed(torch.zeros(r, 1, dtype=torch.int64))  # every file exists
+        bufs = [torch.from_file(p, shared=True, size=nbytes, dtype=torch.uint8) for p in paths]
+        comm.exchange_fixed(torch.zeros(r, 1, dtype=torch.int64))  # every rank has mapped every file
+    finally:
+        os.unlink(paths[me])  # normal or not: the name goes, the mappings stay
     ptrs = torch.tensor([b.data_ptr() for b in bufs], dtype=torch.int64)
     return Heap("shm", me, r, bufs[me], ptrs, (bufs,), peers=bufs, pids=tuple(pids))
 
