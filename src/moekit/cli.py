@@ -12,6 +12,24 @@ from pathlib import Path
 _BENCH_DIR = Path(__file__).resolve().parents[2] / "bench"
 
 
+def _auto_transport(heap: str | None, backend: str) -> str:
+    """What ``Buffer(transport="auto")`` picks for ranks of one node here, and why (ep/transport/select.py)."""
+    import os
+
+    from .kernels import atomics
+
+    prefer = os.environ.get("MOEKIT_TRANSPORT", "")
+    if prefer == "collective":
+        return "collective everywhere (MOEKIT_TRANSPORT=collective)"
+    if heap is None:
+        return "collective (no heap here)"
+    if backend == "cpu":
+        ok, why = atomics.available()
+        ex = "native executor: worker threads, " + why if ok else "Triton executor (interpreter): " + why
+        return f"symmetric for CPU ranks of one node ({ex}); collective across machines and for one rank"
+    return "symmetric for GPUs of one node (Triton kernels); collective across nodes and for one rank"
+
+
 def _info_targets(as_json: bool) -> int:
     """``moekit info --targets``: every kernel compiled for sm_90 / sm_100 / gfx942 / gfx950 (no GPU needed)."""
     import json
@@ -65,6 +83,7 @@ def _info(args: argparse.Namespace) -> int:
     t.add_row("distributed backends", ", ".join(p.dist_backends) or "none")
     heap, heap_why = platform.symmetric_heap_status()
     t.add_row("symmetric heap", f"{heap or 'none'} ({heap_why})")
+    t.add_row("transport (auto)", _auto_transport(heap, p.backend))
     row = {"cuda": "NVIDIA: Triton -> PTX (+ inline PTX), NCCL",
            "rocm": "AMD: Triton -> AMDGCN, RCCL",
            "cpu": "CPU: torch references (+ Triton interpreter in tests), gloo"}[p.backend]

@@ -59,7 +59,10 @@ class Landing:
         if self._data is None:
             ch = self.channel
             ch.wait(self)
-            self._data = self._gather(ch.area(self.parity, self.row_bytes), ch.slot_rows(self.row_bytes))
+            # No autograd here: the next exchange's start may complete this one inside a differentiable
+            # call, and the rows land in tensors an autograd Function has already returned.
+            with torch.no_grad():
+                self._data = self._gather(ch.area(self.parity, self.row_bytes), ch.slot_rows(self.row_bytes))
         return self._data
 
     def complete(self) -> None:
