@@ -79,15 +79,16 @@ class Buffer:
             refuses further calls (the process group must be rebuilt). NCCL's stream-ordered
             all-to-alls are bounded by the process group's own timeout instead (docs/ep.md, "Faults").
         transport: how rows move (docs/ep.md, "Choosing a transport"). ``"collective"``: torch.distributed
-            all-to-alls. ``"symmetric"``: moekit's Triton push kernels (``num_sms`` programs) over a
-            symmetric heap shared by the ranks of a node (PyTorch symmetric memory on GPUs, POSIX shared
-            memory between CPU processes); between nodes the two-stage path stays collective. ``"auto"``
-            (default): symmetric on a GPU group of several ranks where a heap is available inside the node,
-            else collective (on the CPU the shared-memory heap runs the kernels in Triton's interpreter: a
-            test vehicle, chosen explicitly); ``MOEKIT_TRANSPORT`` overrides it. The choice is in the
-            ``transport`` attribute. Construction with ``"symmetric"`` is collective over the node.
-        heap_bytes: bytes of each rank's symmetric heap (default 32 MiB; the same on every rank): two receive
-            areas of R slots; an exchange whose rows for one rank do not fit a slot raises on every rank.
+            all-to-alls. ``"symmetric"``: moekit's heap protocol over a symmetric heap shared by the ranks of
+            a node — on GPUs the Triton push kernels (``num_sms`` programs) over PyTorch symmetric memory, on
+            CPU processes ``num_sms`` native worker threads over ``/dev/shm`` (``transport_channel``); between
+            nodes the two-stage path stays collective. ``"auto"`` (default): symmetric for a group of several
+            ranks where a heap is available inside the node (GPUs and CPU processes alike), else
+            collective; ``MOEKIT_TRANSPORT`` overrides it. The choice is in the ``transport`` attribute.
+            Construction with ``"symmetric"`` is collective over the node.
+        heap_bytes: bytes of each rank's symmetric heap (the same on every rank; default 1 GiB for a sparse
+            ``/dev/shm`` heap, 32 MiB otherwise): two receive areas of R slots; an exchange whose rows for one
+            rank do not fit a slot raises on every rank.
         check_handles: exchange a small status + handle-identity message before the rows of a combine,
             cached dispatch or low-latency combine, so that a stale, foreign or mismatched handle (or
             ranks calling different methods) is a collective ``ValueError`` instead of a mismatched
