@@ -168,3 +168,38 @@ def test_heap_created_owner_only(tmp_path, monkeypatch):
             return msg.clone()
     heapmod.shm_heap(One(), 1 << 16, str(tmp_path))
     assert seen == [0o600] and os.listdir(tmp_path) == []
+
+
+def _killed_rank(rank, world):
+    import os
+    import time
+
+    from moekit.ep import PeerTimeout
+
+    buf = Buffer(hierarchical=False, transport="symmetric", heap_bytes=HEAP, num_sms=2, timeout=30.0)
+    case = Case([6] * world, 128, 2, 2 * world, "random", seed=500)
+    xs, idxs, ws = make_inputs(case, world)
+    buf.dispatch(xs[rank], idxs[rank], ws[rank], case.num_experts)
+    if rank == 1:
+        os._exit(0)  # gone mid-job, after the heap exists, with no clean-up run (as SIGKILL; spawn's harness
+        # reports a signalled rank as an error of the test, an exit as a missing result)
+    t0 = time.monotonic()
+    try:
+        buf.dispatch(xs[rank], idxs[rank], ws[rank], case.num_experts)
+    except PeerTimeout as err:
+        return str(err), time.monotonic() - t0, buf.transport_channel.heap.pids
+    return None
+
+
+def test_killed_peer_is_reported_at_once_and_leaves_no_segment():
+    """A rank whose process vanishes: the survivor's wait sees the process gone (well before the 30 s timeout) and names
+    it; no segment of the job is left in /dev/shm (each rank unlinked its name once all had mapped it)."""
+    import os
+
+    res = spawn(_killed_rank, 2, timeout=120, missing_ok=True)
+    assert res[1] is None
+    msg, seconds, pids = res[0]
+    assert "rank(s) [1]" in msg and seconds < 15.0, (msg, seconds)
+    left = [n for n in os.listdir("/dev/shm") if n.startswith(f"moekit-{os.getuid()}-")
+            and int(n.rsplit("-", 1)[1]) in pids]
+    assert left == []
