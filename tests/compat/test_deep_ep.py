@@ -182,6 +182,15 @@ def _low_latency_rank(rank, world):
                 per_src = [sum(1 for s2, _ in want if s2 == s) for s in range(world)]
                 assert cnt.tolist() == per_src and begin.tolist() == (torch.tensor(per_src).cumsum(0)
                                                                        - torch.tensor(per_src)).tolist()
+                # DeepEP's check of handle[0] (recv_src_info): each source's range holds that source's token
+                # indices, in token order, matching the index its rows carry in the last 128 columns.
+                src_info = handle[0][e]
+                assert src_info.dtype == torch.int32 and src_info.shape == (world * cap,)
+                assert src_info[:n].tolist() == [i for _, i in want]
+                if not use_fp8:  # (FP8 rounds the carried index; the exact list above covers it)
+                    for s in range(world):
+                        b, k = int(begin[s]), int(cnt[s])
+                        assert torch.equal(rows[e, b:b + k, -128:].amin(-1), src_info[b:b + k].float())
             # Weighted combine of the received rows: Σ_k w·x (masked entries add nothing); zero-copy and out=.
             sim = rows.bfloat16()
             for zero_copy in (False, True):

@@ -198,7 +198,9 @@ def _check_alloc(allocate_on_comm_stream: bool, previous_event, async_finish: bo
 class Handle(tuple):
     """A DeepEP handle: a tuple in DeepEP's field order (so that ``handle[0]`` reads as in DeepEP), that
     also carries the moekit handle (``moekit_handle``) combine and cached dispatch use. Fields moekit has
-    no equivalent of (DeepEP's per-channel matrices, send heads, source metadata) are None."""
+    no equivalent of (DeepEP's per-channel matrices, send heads, source metadata) are None. The low-latency
+    handle's ``[0]`` is DeepEP's ``recv_src_info`` ([L, R*C] int32: the source token index of each row,
+    carried on the wire) and ``[1]`` its layout range ([L, R] int64: ``begin << 32 | count`` per source)."""
 
     moekit_handle: object
 
@@ -620,7 +622,7 @@ class Buffer:
             if stats is not None:
                 stats.add_(counts)
 
-        handle = Handle((None, layout_range, c, hidden, num_experts), out.handle)
+        handle = Handle((out.handle.src_info, layout_range, c, hidden, num_experts), out.handle)
         return (recv_x, recv_count, handle, *self._ll_completion(out.event, out.hook, after,
                                                                  async_finish, return_recv_hook))
 

@@ -68,8 +68,9 @@ class _Sizes(NamedTuple):
 
     def row_format(self) -> RowFormat:
         if self.fp8:
-            return RowFormat([("x", FP8_DTYPE, self.hidden), ("scales", torch.float32, num_scale_cols(self.hidden))])
-        return RowFormat([("x", self.x_dtype, self.hidden)])
+            return RowFormat([("x", FP8_DTYPE, self.hidden), ("scales", torch.float32, num_scale_cols(self.hidden)),
+                              ("src", torch.int32, 1)])
+        return RowFormat([("x", self.x_dtype, self.hidden), ("src", torch.int32, 1)])  # src: the sender's token
 
 
 @dataclasses.dataclass(eq=False)
@@ -82,6 +83,7 @@ class LowLatencyHandle:
     hidden: int
     slot: torch.Tensor  # [T, E] int64: slot of token t in expert e's block (valid where chosen)
     counts: torch.Tensor  # [R, L] int64 on the receiver: rows from source s for local expert e
+    src_info: torch.Tensor | None = None  # [L, R*C] int32 on the receiver: source token index of each row
     x_dtype: torch.dtype = torch.bfloat16  # wire dtype of the combine (the dispatched x's dtype)
     key: tuple = ()  # the Buffer's group and node layout
     seq: int = 0  # the number of the Buffer call that made it (identity, see guard.py)
@@ -264,6 +266,7 @@ def _dispatch_block(mode: LowLatencyMode, x, topk_idx, sizes: _Sizes, round_scal
         if v.dtype == FP8_DTYPE:  # index_copy_ has no float8 kernel: move the bytes
             dst, v = dst.view(torch.uint8), v.view(torch.uint8)
         dst.index_copy_(0, dest_rows, v.index_select(0, tok))
+    views["src"].index_copy_(0, dest_rows, tok.to(torch.int32).unsqueeze(1))  # the token's index travels too
     return send[:-1], slot
 
 
@@ -307,8 +310,9 @@ def _dispatch(mode: LowLatencyMode, x, topk_idx, num_max_dispatch_tokens_per_ran
     recv_scales = torch.empty(l, r * c, num_scale_cols(hidden), dtype=torch.float32, device=device) if fp8 else None
     recv_count = torch.empty(l, dtype=torch.int64, device=device)
     recv_counts = torch.zeros(r, l, dtype=torch.int64, device=device)
-    handle = LowLatencyHandle(x.shape[0] if status.ok else 0, c, e, hidden, slot, recv_counts, sizes.x_dtype,
-                              mode.key)
+    recv_src = torch.zeros(l, r * c, dtype=torch.int32, device=device)
+    handle = LowLatencyHandle(x.shape[0] if status.ok else 0, c, e, hidden, slot, recv_counts, recv_src,
+                              sizes.x_dtype, mode.key)
 
     @torch.no_grad()
     def finish(recv):
@@ -328,6 +332,7 @@ def _dispatch(mode: LowLatencyMode, x, topk_idx, num_max_dispatch_tokens_per_ran
                 out.copy_(torch.where(valid.unsqueeze(2), rows, torch.zeros((), dtype=rows.dtype, device=device))
                           if rows.dtype != FP8_DTYPE else
                           torch.where(valid.unsqueeze(2), rows.view(torch.uint8), 0).view(FP8_DTYPE))
+        recv_src.copy_(torch.where(valid, got["src"].index_select(0, full).view(l, r * c), 0))
         recv_count.copy_(recv_counts.sum(0))
 
     event, hook = _finish(transfer, async_finish, return_recv_hook, finish)
