@@ -36,7 +36,12 @@ def test_summary(trace):
 
 def test_cli(trace, capsys):
     assert main(["--trace", str(trace)]) == 0
-    assert "span 3.5 ms" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "span 3.5 ms" in out and "compute stream busy" in out and "comm stream busy" in out
+    assert main(["--trace", str(trace), "--json", "--micro-batch", "2"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["span_ms"] == pytest.approx(3.5) and d["planner"]["micro_batch"] == 2
+    assert d["planner"]["pair_ms"] >= max(d["planner"]["compute_ms"], d["planner"]["comm_ms"])
 
 
 @pytest.mark.parametrize("text,needle", [(None, "no such file"), ("{nope", "not JSON"),

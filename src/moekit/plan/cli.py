@@ -21,7 +21,7 @@ from .planner import plan
 from .report import plot, render, render_search, search_to_dict, to_dict
 from .search import search
 from .sms import measured_gbps_per_sm
-from .trace import render_trace, summarize
+from .trace import predict_pair, render_comparison, render_trace, summarize
 
 # DeepSeek-V3's own layout (report sec. 3.2): shown beside the search's answer on its cluster.
 DEEPSEEK_V3_PLAN = dict(pp=16, ep=64, schedule="dualpipe", comm_sms=20, routing="node-limited:4",
@@ -171,9 +171,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.trace:
             summary = summarize(args.trace)
-            print(json.dumps(dataclasses.asdict(summary), indent=2) if args.json else render_trace(summary))
-            return 0
         model, cluster, given, notes = _inputs(args)
+        if args.trace:
+            pred = predict_pair(model, cluster, given)
+            if args.json:
+                print(json.dumps({**dataclasses.asdict(summary), "planner": pred}, indent=2))
+            else:
+                print(render_trace(summary) + "\n" + render_comparison(summary, pred))
+            return 0
         one = all(k in given for k in ("pp", "ep", "schedule")) and not args.search
         if one:
             return _one(args, model, cluster, given, notes)

@@ -106,3 +106,43 @@ def render_trace(s: TraceSummary) -> str:
     lines += ["", f"{'class':<14} {'ms':>8}"]
     lines += [f"{c:<14} {v:8.1f}" for c, v in s.class_ms.items()]
     return "\n".join(lines)
+
+
+# The configuration of DeepSeek's published training profile (deepseek-ai/profile-data README):
+# DualPipe F&B chunk pair of 4 MoE layers each, EP64, TP1, 4K sequence; 20 comm SMs as DeepSeek-V3
+# report sec. 3.2.2. Micro-batch 1 is the default; ``--micro-batch`` overrides it.
+TRACE_PLAN = dict(pp=16, ep=64, schedule="dualpipe", comm_sms=20, routing="node-limited:4", fp8_dispatch=True,
+                  recompute="selective", micro_batch=1, seq_len=4096)
+
+
+def predict_pair(model, cluster, given: dict) -> dict[str, float]:
+    """The planner's F&B pair of ``PAIR_LAYERS`` MoE layers for ``TRACE_PLAN`` updated by ``given``:
+    milliseconds of the pair, of the compute stream and of the communication stream, and the comm SMs."""
+    from .cluster import ParallelPlan
+    from .cost import two_stream
+    from .planner import PAIR_LAYERS, _moe_layer, layer_costs
+
+    p = ParallelPlan(**{**TRACE_PLAN, **{k: v for k, v in given.items() if k in TRACE_PLAN or k == "gemm_dtype"}})
+    lc = layer_costs(model, cluster, p)
+    lt = _moe_layer(model, cluster, p, lc.spread, lc.k)
+    pair = two_stream([lt.forward() * PAIR_LAYERS, lt.backward(True) * PAIR_LAYERS])
+    return {"pair_ms": pair.duration * 1e3, "compute_ms": pair.compute * 1e3, "comm_ms": pair.comm * 1e3,
+            "comm_sms": float(lc.k), "micro_batch": float(p.micro_batch)}
+
+
+def render_comparison(s: TraceSummary, pred: dict[str, float]) -> str:
+    """Trace against prediction: pair span, busiest (compute) stream, comm stream (the stream whose
+    kernels are mostly ``comm:*``)."""
+    comm_streams = [st for st, c in s.stream_classes.items()
+                    if sum(v for k, v in c.items() if k.startswith("comm")) > 0.5 * sum(c.values())]
+    comp_streams = [st for st in s.stream_busy_ms if st not in comm_streams]
+    comp = s.stream_busy_ms[comp_streams[0]] if comp_streams else 0.0
+    comm = s.stream_busy_ms[comm_streams[0]] if comm_streams else 0.0
+    rows = [("pair (GPU span)", s.span_ms, pred["pair_ms"]), ("compute stream busy", comp, pred["compute_ms"]),
+            ("comm stream busy", comm, pred["comm_ms"])]
+    lines = ["", f"planner: micro-batch {pred['micro_batch']:g}, {pred['comm_sms']:g} comm SMs",
+             f"{'':<20} {'trace ms':>9} {'planner ms':>11} {'error':>7}"]
+    for name, t, q in rows:
+        err = f"{(q - t) / t:+.0%}" if t > 0 else "-"
+        lines.append(f"{name:<20} {t:9.1f} {q:11.1f} {err:>7}")
+    return "\n".join(lines)
