@@ -23,7 +23,7 @@ CLASSES: tuple[tuple[str, str], ...] = (
     ("attention", r"flash|fmha|attn|attention|mla"),
     ("gemm", r"gemm|cutlass|sm90_xmma|cublas|matmul|wgmma"),
     ("elementwise", r"elementwise|vectorized|cast|quant|transpose|norm|silu|swiglu|act|reduce|copy|softmax|"
-                    r"fill|index|scatter|gather|cat|add|mul"),
+                    r"fill|index|scatter|gather|cat|add|mul|rotary|expand|mapping"),
 )
 
 
