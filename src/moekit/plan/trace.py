@@ -14,6 +14,10 @@ import os
 import re
 from dataclasses import dataclass, field
 
+from .cluster import ParallelPlan
+from .cost import two_stream
+from .planner import PAIR_LAYERS, layer_costs, moe_layer_times
+
 # Kernel-name patterns, tried in order (lower-cased name); the first that matches names the class.
 CLASSES: tuple[tuple[str, str], ...] = (
     ("comm:notify", r"notify"),
@@ -118,13 +122,9 @@ TRACE_PLAN = dict(pp=16, ep=64, schedule="dualpipe", comm_sms=20, routing="node-
 def predict_pair(model, cluster, given: dict) -> dict[str, float]:
     """The planner's F&B pair of ``PAIR_LAYERS`` MoE layers for ``TRACE_PLAN`` updated by ``given``:
     milliseconds of the pair, of the compute stream and of the communication stream, and the comm SMs."""
-    from .cluster import ParallelPlan
-    from .cost import two_stream
-    from .planner import PAIR_LAYERS, _moe_layer, layer_costs
-
     p = ParallelPlan(**{**TRACE_PLAN, **{k: v for k, v in given.items() if k in TRACE_PLAN or k == "gemm_dtype"}})
     lc = layer_costs(model, cluster, p)
-    lt = _moe_layer(model, cluster, p, lc.spread, lc.k)
+    lt = moe_layer_times(model, cluster, p, lc.spread, lc.k)
     pair = two_stream([lt.forward() * PAIR_LAYERS, lt.backward(True) * PAIR_LAYERS])
     return {"pair_ms": pair.duration * 1e3, "compute_ms": pair.compute * 1e3, "comm_ms": pair.comm * 1e3,
             "comm_sms": float(lc.k), "micro_batch": float(p.micro_batch)}
