@@ -21,6 +21,7 @@ from .planner import plan
 from .report import plot, render, render_search, search_to_dict, to_dict
 from .search import search
 from .sms import measured_gbps_per_sm
+from .trace import predict_pair, render_comparison, render_trace, summarize
 
 # DeepSeek-V3's own layout (report sec. 3.2): shown beside the search's answer on its cluster.
 DEEPSEEK_V3_PLAN = dict(pp=16, ep=64, schedule="dualpipe", comm_sms=20, routing="node-limited:4",
@@ -117,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="search: accept a plan once no bound beats it by more than this fraction (0: exact)")
     ap.add_argument("--sm-split", metavar="JSON", help="bench/sm_split.py output to take comm_gbps_per_sm from "
                     "(default: reports/sm_split.json when it exists)")
+    ap.add_argument("--trace", metavar="FILE", help="summarize a PyTorch-profiler Chrome trace: per-stream busy "
+                    "time and time per kernel class (plan/trace.py)")
     ap.add_argument("--json", action="store_true", help="print the numbers as JSON")
     ap.add_argument("--plot", metavar="DIR", help="write PNGs to DIR (of the predicted or best plan)")
     return ap
@@ -166,7 +169,16 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # --help (0) or a one-line usage error (2)
         return int(e.code or 0)
     try:
+        if args.trace:
+            summary = summarize(args.trace)
         model, cluster, given, notes = _inputs(args)
+        if args.trace:
+            pred = predict_pair(model, cluster, given)
+            if args.json:
+                print(json.dumps({**dataclasses.asdict(summary), "planner": pred}, indent=2))
+            else:
+                print(render_trace(summary) + "\n" + render_comparison(summary, pred))
+            return 0
         one = all(k in given for k in ("pp", "ep", "schedule")) and not args.search
         if one:
             return _one(args, model, cluster, given, notes)

@@ -140,7 +140,9 @@ class PlanResult(NamedTuple):
         return self.plan.pp * self.dp
 
 
-def _moe_layer(cfg: MoEConfig, cluster: ClusterSpec, plan: ParallelPlan, spread: Spread | None, k: int) -> LayerTimes:
+def moe_layer_times(cfg: MoEConfig, cluster: ClusterSpec, plan: ParallelPlan, spread: Spread | None,
+                    k: int) -> LayerTimes:
+    """Seconds of one MoE layer, one micro-batch of ``plan``, one GPU, with ``k`` comm SMs (host only)."""
     return layer_times(cfg, cluster, tokens=plan.micro_batch * plan.seq_len, seq_len=plan.seq_len, dense=False,
                        spread=spread, fp8_dispatch=plan.fp8_dispatch, gemm_dtype=plan.gemm_dtype, comm_sms=k,
                        recompute=plan.recompute)
@@ -169,7 +171,7 @@ class SweepPoint(NamedTuple):
 
 
 def _sweep_point(cfg: MoEConfig, cluster: ClusterSpec, plan: ParallelPlan, spread: Spread | None, k: int) -> SweepPoint:
-    lt = _moe_layer(cfg, cluster, plan, spread, k)
+    lt = moe_layer_times(cfg, cluster, plan, spread, k)
     comp, comm = _pair(lt)
     pair = two_stream([lt.forward() * PAIR_LAYERS, lt.backward(True) * PAIR_LAYERS])
     return SweepPoint(k=k, compute=comp, comm=comm, hidden=pair.comm_hidden / pair.comm if pair.comm > 0 else 1.0,
@@ -287,7 +289,7 @@ def layer_costs(cfg: MoEConfig, cl: ClusterSpec, p: ParallelPlan, cache: dict | 
         else:
             k = hide_k if hide_k is not None else min(sm_sweep(cfg, cl, p, spread), key=lambda t: t.pair_time).k
     tokens = p.micro_batch * p.seq_len
-    moe = _moe_layer(cfg, cl, p, spread, k)
+    moe = moe_layer_times(cfg, cl, p, spread, k)
     dense = layer_times(cfg, cl, tokens=tokens, seq_len=p.seq_len, dense=True, spread=None,
                         fp8_dispatch=p.fp8_dispatch, gemm_dtype=p.gemm_dtype, comm_sms=k, recompute=p.recompute)
     head = head_times(cfg, cl, tokens=tokens, gemm_dtype=p.gemm_dtype, comm_sms=k, recompute=p.recompute)
