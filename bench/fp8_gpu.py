@@ -67,6 +67,7 @@ def main() -> int:
     from moekit import platform
     from moekit.kernels import ptx
 
+    torch.manual_seed(0)  # every input below is drawn from this seed: a verdict never depends on the draw
     info = platform.info()
     tag = f"{info.device_name}, {info.sm_count} SMs, torch {torch.__version__}, triton {info.triton_version}, " \
           f"{datetime.date.today().isoformat()}, PTX {'on' if info.ptx_enabled else 'off'} ({info.ptx_reason})"
@@ -196,7 +197,10 @@ def section_correctness(torch, ptx):
         poisoned(torch, (m, n), torch.bfloat16)
         out = fp8_gemm_nt(*qa, *qb)
         record(f"fp8_gemm_nt {m}x{n}x{k} vs reference", calc_diff(out, ref), tol, f"finite={finite(out)}")
-        record(f"fp8_gemm_nt {m}x{n}x{k} vs bf16 product", calc_diff(out, a.float() @ b.float().T), 1e-3)
+        # Both operands rounded to e4m3 (3 mantissa bits: relative rms error ~2^-4/sqrt(3) each, ~0.05 per
+        # product): DeepGEMM's measure is ~err^2/2 ~ 1.3e-3 at worst for random data; a wrong scale or tile
+        # gives > 1e-2. (1e-3 was within 1.2x of what K=128 inputs reach: a flaky bound.)
+        record(f"fp8_gemm_nt {m}x{n}x{k} vs bf16 product", calc_diff(out, a.float() @ b.float().T), 3e-3)
         out112 = fp8_gemm_nt(*qa, *qb, num_sms=112)
         record(f"fp8_gemm_nt {m}x{n}x{k} num_sms=112 vs all SMs", calc_diff(out112, out), 1e-6)
         with tma_env(True):  # operands through TMA descriptors (MOEKIT_TMA=1; opt-in until measured)
@@ -233,7 +237,8 @@ def section_correctness(torch, ptx):
             poisoned(torch, (g, m_max, qb.data.shape[1]), torch.bfloat16)
             out = m_grouped_fp8_gemm_nt_masked(*qa, *qb, masked_m, 128)
         record(f"grouped masked{' TMA' if tma else ''} vs reference", calc_diff(out, ref), tol, f"finite={finite(out)}")
-    record("grouped masked vs bf16 product (full group)", calc_diff(out[1], a[1].float() @ b[1].float().T), 1e-3)
+    # The e4m3 bound of fp8_gemm_nt's "vs bf16 product" above (~1.3e-3 at worst; seeded inputs give ~7e-4).
+    record("grouped masked vs bf16 product (full group)", calc_diff(out[1], a[1].float() @ b[1].float().T), 3e-3)
 
     # The MoE layer's entry point, forward and backward.
     x = torch.randn(R(3000), F(2048), device=DEV, dtype=torch.bfloat16, requires_grad=True)
